@@ -1,0 +1,532 @@
+// Package balancer dispatches requests to a set of workers so that each
+// request goes to the worker with the fewest requests pending (queued or
+// running). Among equally loaded workers the one that has waited longest
+// since its last request wins, so light load spreads over all of them.
+//
+// A [Balancer] is a worker pool with a scheduler in front: like a pool it
+// runs a fixed [Func] per worker on its own goroutine, but each worker has a
+// short queue of its own and one select loop keeps the workers in a heap
+// ordered by load. Workers can front anything with a capacity of its own (a
+// connection, a GPU, a remote backend), and can be added and removed while
+// requests flow. [FanIn] merges the result channels that [Balancer.Submit]
+// returns.
+//
+// Every request the balancer accepts gets exactly one outcome: its result,
+// or an error saying why it did not run. Close and Shutdown stop every
+// goroutine the package started, like [sync.WaitGroup.Wait] on a pool.
+package balancer
+
+import (
+	"container/heap"
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"sync"
+	"sync/atomic"
+)
+
+// Func is the work a worker does for one request. ctx is the request's
+// context, also cancelled if [Balancer.Shutdown] gives up waiting.
+type Func[Req, Res any] func(ctx context.Context, req Req) (Res, error)
+
+// Result is the outcome of one request.
+type Result[Req, Res any] struct {
+	Req    Req   // the request this is the outcome of
+	Value  Res   // what the Func returned; the zero value if Err is from the balancer
+	Err    error // the Func's error unchanged, a *PanicError, ErrGoexit, ErrClosed or the request's ctx.Err()
+	Worker int   // ID of the worker that ran it, or was to run it
+}
+
+// Errors returned by the balancer. Each is returned as is or wrapped with the
+// offending value; test with errors.Is.
+var (
+	// ErrClosed reports that Close or Shutdown has begun: the request was
+	// not accepted, or (from Shutdown giving up) was accepted but not run.
+	ErrClosed = errors.New("balancer: closed")
+	// ErrInvalidArgument reports a bad argument: a negative worker count,
+	// a queue depth out of range, a nil Func or a nil context.
+	ErrInvalidArgument = errors.New("balancer: invalid argument")
+	// ErrUnknownWorker reports a worker ID that was never issued or whose
+	// worker was already removed.
+	ErrUnknownWorker = errors.New("balancer: unknown worker")
+	// ErrGoexit is the outcome of a request whose Func called
+	// runtime.Goexit. The worker goes on serving.
+	ErrGoexit = errors.New("balancer: Func called runtime.Goexit")
+)
+
+// PanicError is the outcome of a request whose Func panicked. The worker
+// recovers, goes on serving and frees the request's slot.
+type PanicError struct {
+	Value any    // the value passed to panic
+	Stack []byte // the panicking goroutine's stack, from runtime/debug.Stack
+}
+
+// Error names the panic value.
+func (e *PanicError) Error() string {
+	return fmt.Sprintf("balancer: Func panicked: %v", e.Value)
+}
+
+// Unwrap returns the panic value if it is an error, so errors.Is and
+// errors.As see through the panic.
+func (e *PanicError) Unwrap() error {
+	err, _ := e.Value.(error)
+	return err
+}
+
+// Queue depth bounds, see [WithQueueDepth].
+const (
+	DefaultQueueDepth = 2
+	MaxQueueDepth     = 1 << 16
+)
+
+// Option configures New.
+type Option func(*options)
+
+type options struct {
+	depth int
+}
+
+// WithQueueDepth sets how many requests may be pending (queued or running)
+// on one worker: the capacity of its buffered request channel. The default,
+// DefaultQueueDepth, keeps a worker busy while the loop refills its queue;
+// depth 1 holds every request back until some worker is idle, which is best
+// for tail latency when workers differ in speed. New rejects n outside
+// [1, MaxQueueDepth] with ErrInvalidArgument.
+func WithQueueDepth(n int) Option {
+	return func(o *options) { o.depth = n }
+}
+
+// A Balancer sends each request to the worker with the fewest pending
+// requests. Create one with New; the zero value is not usable.
+//
+// Most callers want Do, which runs one request and returns its result.
+// Submit returns at once with a channel for the result, for callers that
+// keep several requests in flight; TrySubmit never waits for capacity.
+// When every worker has QueueDepth requests pending, Do and Submit wait
+// until one finishes or their ctx is done: the balancer never queues more
+// than workers × depth requests.
+//
+// Every accepted request gets exactly one outcome: the Func's result, its
+// error unchanged, a *PanicError, ErrGoexit, the request's ctx.Err() if it
+// ended before a worker started the request, or ErrClosed if Shutdown gave
+// up on it. A Func panic or runtime.Goexit never kills a worker.
+//
+// A Balancer is safe for concurrent use. After Close or Shutdown begins it
+// accepts nothing (ErrClosed) but finishes what it accepted; Stats keeps
+// working. A request costs a few channel hand-offs (about a microsecond)
+// and, through Do with a context that is never done, no allocation.
+type Balancer[Req, Res any] struct {
+	depth    int
+	requests chan request[Req, Res] // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
+	tries    chan tryRequest[Req, Res]
+	cmds     chan command[Req, Res]
+	done     chan *worker[Req, Res]
+	quit     chan struct{} // closed once, by the first Close or Shutdown
+	exited   chan struct{} // closed by the loop as it returns
+	quitOnce sync.Once
+	abortCtx context.Context // cancelled when a Shutdown's ctx ends first
+	abort    context.CancelFunc
+	wg       sync.WaitGroup // the worker goroutines
+	replies  sync.Pool      // chan Result[Req, Res] of capacity 1, for Do
+	accepted atomic.Uint64  // written by the loop
+	roster   atomic.Pointer[roster[Req, Res]]
+
+	// Owned by the select loop once it starts; New sets them up before.
+	pool    pool[Req, Res]
+	workers map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
+	nextID  int
+	seq     int64 // dispatch sequence number
+	pending int   // over all workers
+}
+
+// minSeq is below every dispatch sequence number: a worker that was never
+// dispatched to sorts before all that were.
+const minSeq = math.MinInt64
+
+// tryRequest is a TrySubmit; ok (capacity 1) carries the loop's answer.
+type tryRequest[Req, Res any] struct {
+	request[Req, Res]
+	ok chan bool
+}
+
+// command asks the loop to add a worker (fn != nil) or remove worker id.
+type command[Req, Res any] struct {
+	fn    Func[Req, Res]
+	id    int
+	reply chan commandReply // capacity 1: the loop never blocks answering
+}
+
+type commandReply struct {
+	id     int
+	exited <-chan struct{}
+	err    error
+}
+
+// New starts a Balancer with workers workers, IDs 0 to workers-1, each
+// running fn. Zero workers is allowed: requests wait for AddWorker. New
+// returns an error wrapping ErrInvalidArgument if workers is negative, fn is
+// nil or an option is out of range. Call Close to stop its goroutines.
+func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balancer[Req, Res], error) {
+	if workers < 0 {
+		return nil, fmt.Errorf("%w: %d workers", ErrInvalidArgument, workers)
+	}
+	if fn == nil {
+		return nil, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
+	}
+	o := options{depth: DefaultQueueDepth}
+	for _, opt := range opts {
+		if opt != nil {
+			opt(&o)
+		}
+	}
+	if o.depth < 1 || o.depth > MaxQueueDepth {
+		return nil, fmt.Errorf("%w: queue depth %d, want 1 to %d", ErrInvalidArgument, o.depth, MaxQueueDepth)
+	}
+	b := &Balancer[Req, Res]{
+		depth:    o.depth,
+		requests: make(chan request[Req, Res]),
+		tries:    make(chan tryRequest[Req, Res]),
+		cmds:     make(chan command[Req, Res]),
+		done:     make(chan *worker[Req, Res]),
+		quit:     make(chan struct{}),
+		exited:   make(chan struct{}),
+		workers:  make(map[int]*worker[Req, Res]),
+	}
+	b.abortCtx, b.abort = context.WithCancel(context.Background())
+	b.replies.New = func() any { return make(chan Result[Req, Res], 1) }
+	b.roster.Store(&roster[Req, Res]{})
+	for range workers {
+		b.addWorker(fn)
+	}
+	go b.loop()
+	return b, nil
+}
+
+// Do runs req on the least-loaded worker and returns its outcome (see
+// Balancer). It waits for capacity if every worker is full. If ctx ends
+// first, Do returns ctx.Err() at once, even while the Func runs; the request
+// then still runs to completion unless it had not started. Do returns
+// ErrClosed after Close or Shutdown began, and ErrInvalidArgument for a nil
+// ctx.
+func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
+	var zero Res
+	reply := b.replies.Get().(chan Result[Req, Res])
+	if err := b.submit(request[Req, Res]{ctx: ctx, req: req, reply: reply, keep: true}); err != nil {
+		b.replies.Put(reply)
+		return zero, err
+	}
+	select {
+	case res := <-reply:
+		b.replies.Put(reply)
+		return res.Value, res.Err
+	case <-ctx.Done():
+		// The worker's send still lands in the buffer; the channel is
+		// left to the garbage collector instead of going back to the pool.
+		return zero, ctx.Err()
+	}
+}
+
+// Submit hands req to the least-loaded worker and returns a channel that
+// yields its one Result and is then closed. Nobody blocks if the caller never
+// reads it. Submit waits for capacity if every worker is full; it returns
+// ctx.Err() if ctx ends first, ErrClosed after Close or Shutdown began, and
+// ErrInvalidArgument for a nil ctx. If ctx ends after Submit returns but
+// before a worker starts the request, the request is not run and its
+// Result carries ctx.Err().
+func (b *Balancer[Req, Res]) Submit(ctx context.Context, req Req) (<-chan Result[Req, Res], error) {
+	reply := make(chan Result[Req, Res], 1)
+	if err := b.submit(request[Req, Res]{ctx: ctx, req: req, reply: reply}); err != nil {
+		return nil, err
+	}
+	return reply, nil
+}
+
+// TrySubmit is Submit without waiting for capacity: it reports whether req
+// was accepted, which it is whenever some worker has fewer than QueueDepth
+// requests pending. It returns false if every worker is full, there are no
+// workers, or Close or Shutdown has begun. It waits only for the loop to
+// answer, never for a request to finish.
+func (b *Balancer[Req, Res]) TrySubmit(req Req) (<-chan Result[Req, Res], bool) {
+	reply := make(chan Result[Req, Res], 1)
+	t := tryRequest[Req, Res]{request: request[Req, Res]{ctx: context.Background(), req: req, reply: reply}, ok: make(chan bool, 1)}
+	select {
+	case b.tries <- t:
+		return reply, <-t.ok
+	case <-b.quit:
+		return nil, false
+	}
+}
+
+// AddWorker starts a worker running fn and returns its ID, which no other
+// worker has had or will have. The new worker has nothing pending, so it is
+// next in line for work. AddWorker returns ErrInvalidArgument for a nil fn
+// and ErrClosed after Close or Shutdown began.
+func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res]) (id int, err error) {
+	if fn == nil {
+		return 0, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
+	}
+	rep, err := b.command(command[Req, Res]{fn: fn})
+	return rep.id, err
+}
+
+// RemoveWorker stops dispatching to worker id at once, lets it finish the
+// requests it has queued or running, and waits for its goroutine to end.
+// If ctx ends first it returns ctx.Err(), but the removal stands and the
+// worker still drains. Removing the last worker is allowed: requests then
+// wait for AddWorker. RemoveWorker returns an error wrapping
+// ErrUnknownWorker for an ID never issued or already removed, ErrClosed
+// after Close or Shutdown began, and ErrInvalidArgument for a nil ctx.
+func (b *Balancer[Req, Res]) RemoveWorker(ctx context.Context, id int) error {
+	if ctx == nil {
+		return errNilContext
+	}
+	rep, err := b.command(command[Req, Res]{id: id})
+	if err != nil {
+		return err
+	}
+	select {
+	case <-rep.exited:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close stops accepting requests, waits for every accepted request to
+// finish and for every goroutine the Balancer started to end. It is
+// idempotent, safe to call concurrently with any method, and returns nil.
+func (b *Balancer[Req, Res]) Close() error {
+	return b.Shutdown(context.Background())
+}
+
+// Shutdown is Close with a bound on the wait. If ctx ends before the
+// accepted requests finish, Shutdown cancels the contexts of the requests
+// running, gives every request not yet started the outcome ErrClosed and
+// returns ctx.Err() without waiting for Funcs that ignore their ctx; a later
+// Close waits for them. Shutdown returns ErrInvalidArgument for a nil ctx.
+func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
+	if ctx == nil {
+		return errNilContext
+	}
+	b.quitOnce.Do(func() { close(b.quit) })
+	select {
+	case <-b.exited:
+	case <-ctx.Done():
+		b.abort()
+		return ctx.Err()
+	}
+	// The loop has closed every worker's channel with nothing pending, so
+	// the workers are on their way out.
+	b.wg.Wait()
+	b.abort() // releases the context's resources; nothing is left to cancel
+	return nil
+}
+
+var errNilContext = fmt.Errorf("%w: nil Context", ErrInvalidArgument)
+
+// submit passes r to the loop, waiting while every worker is full.
+func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
+	ctx := r.ctx
+	if ctx == nil {
+		return errNilContext
+	}
+	// Checked first so that a request made after Close began, or with a
+	// ctx already done, fails deterministically instead of racing the
+	// loop in the select below.
+	select {
+	case <-b.quit:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	default:
+	}
+	select {
+	case b.requests <- r:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-b.quit:
+		return ErrClosed
+	}
+}
+
+// command sends c to the loop and returns its answer.
+func (b *Balancer[Req, Res]) command(c command[Req, Res]) (commandReply, error) {
+	c.reply = make(chan commandReply, 1)
+	select {
+	case b.cmds <- c:
+	case <-b.quit:
+		return commandReply{}, ErrClosed
+	}
+	rep := <-c.reply
+	return rep, rep.err
+}
+
+// runContext returns the context a Func runs under: the request's, also
+// cancelled when Shutdown aborts. A request context that can never be done
+// and carries no values is replaced by abortCtx itself, which saves the
+// allocations of merging two contexts on the common path.
+func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if ctx == context.Background() || ctx == context.TODO() {
+		return b.abortCtx, func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(b.abortCtx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
+// loop is the select loop. It owns the pool and runs until Close or
+// Shutdown has begun and nothing is pending. It blocks only in its select,
+// which always includes done, so a worker's report is taken promptly.
+func (b *Balancer[Req, Res]) loop() {
+	defer close(b.exited)
+	quit, aborted := b.quit, b.abortCtx.Done()
+	for quit != nil || b.pending > 0 {
+		// Take requests only while the least-loaded worker has room: this
+		// is what keeps every send to a worker from blocking.
+		var requests chan request[Req, Res]
+		var tries chan tryRequest[Req, Res]
+		if quit != nil {
+			tries = b.tries
+			if b.hasRoom() {
+				requests = b.requests
+			}
+		}
+		select {
+		case r := <-requests:
+			b.dispatch(r)
+		case t := <-tries:
+			ok := b.hasRoom()
+			if ok {
+				b.dispatch(t.request)
+			}
+			t.ok <- ok
+		case w := <-b.done:
+			b.complete(w)
+		case c := <-b.cmds:
+			c.reply <- b.apply(c, quit == nil)
+		case <-quit:
+			quit = nil
+		case <-aborted:
+			aborted = nil
+			b.dropQueued()
+		}
+	}
+	for _, w := range b.pool {
+		close(w.reqs)
+	}
+}
+
+// hasRoom reports whether the least-loaded worker can take a request.
+func (b *Balancer[Req, Res]) hasRoom() bool {
+	return len(b.pool) > 0 && b.pool[0].pending < b.depth
+}
+
+// dispatch queues r on the least-loaded worker, which has room.
+func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
+	w := b.pool[0]
+	w.reqs <- r // cannot block: w.pending < depth = cap(w.reqs)
+	w.pending++
+	w.last = b.seq
+	b.seq++
+	heap.Fix(&b.pool, 0)
+	b.pending++
+	w.load.Store(int64(w.pending))
+	b.accepted.Add(1)
+}
+
+// complete records that w finished a request.
+func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
+	w.pending--
+	b.pending--
+	w.load.Store(int64(w.pending))
+	switch {
+	case !w.removed:
+		heap.Fix(&b.pool, w.index)
+	case w.pending == 0:
+		b.retire(w)
+	}
+}
+
+// apply carries out an AddWorker or RemoveWorker command.
+func (b *Balancer[Req, Res]) apply(c command[Req, Res], closing bool) commandReply {
+	if closing {
+		return commandReply{err: ErrClosed}
+	}
+	if c.fn != nil {
+		return commandReply{id: b.addWorker(c.fn)}
+	}
+	w, ok := b.workers[c.id]
+	if !ok || w.removed {
+		return commandReply{err: fmt.Errorf("%w: %d", ErrUnknownWorker, c.id)}
+	}
+	heap.Remove(&b.pool, w.index)
+	w.removed = true
+	w.gone.Store(true)
+	close(w.reqs) // the loop is its only sender and will not send again; queued requests still drain
+	if w.pending == 0 {
+		b.retire(w)
+	}
+	return commandReply{exited: w.exited}
+}
+
+// addWorker creates and starts a worker. New calls it before the loop
+// starts; after that only the loop does.
+func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res]) int {
+	w := newWorker(b, b.nextID, fn)
+	b.nextID++
+	b.workers[w.id] = w
+	heap.Push(&b.pool, w)
+	r := b.roster.Load()
+	b.roster.Store(&roster[Req, Res]{workers: append(r.workers[:len(r.workers):len(r.workers)], w), retired: r.retired})
+	b.wg.Add(1)
+	go w.run()
+	return w.id
+}
+
+// retire forgets a removed worker that has nothing pending, folding its
+// final counters into the roster's totals in the same step so that Stats
+// never counts them twice or not at all.
+func (b *Balancer[Req, Res]) retire(w *worker[Req, Res]) {
+	delete(b.workers, w.id)
+	r := b.roster.Load()
+	next := &roster[Req, Res]{retired: r.retired.plus(w.counts())}
+	for _, v := range r.workers {
+		if v != w {
+			next.workers = append(next.workers, v)
+		}
+	}
+	b.roster.Store(next)
+}
+
+// dropQueued gives every request still queued at a worker the outcome
+// ErrClosed, after Shutdown gave up waiting. Workers may be taking requests
+// from their queues at the same time; each request is received once, so it
+// gets one outcome either way. It visits every worker, but only once.
+func (b *Balancer[Req, Res]) dropQueued() {
+	var dropped counts
+	for _, w := range b.workers {
+		for len(w.reqs) > 0 {
+			select {
+			case r, ok := <-w.reqs:
+				if !ok {
+					break // closed by RemoveWorker, and the worker took the rest
+				}
+				r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed, Worker: w.id})
+				dropped.completed++
+				dropped.failed++
+				w.pending--
+				b.pending--
+				w.load.Store(int64(w.pending))
+			default:
+			}
+		}
+		if w.removed && w.pending == 0 {
+			b.retire(w)
+		}
+	}
+	heap.Init(&b.pool)
+	r := b.roster.Load()
+	b.roster.Store(&roster[Req, Res]{workers: r.workers, retired: r.retired.plus(dropped)})
+}

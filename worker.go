@@ -1,0 +1,201 @@
+package balancer
+
+import (
+	"context"
+	"runtime/debug"
+	"sync/atomic"
+)
+
+// request is one accepted call on its way to, or waiting at, a worker.
+type request[Req, Res any] struct {
+	ctx   context.Context
+	req   Req
+	reply chan<- Result[Req, Res] // capacity 1 and sent to once, so the send never blocks
+	keep  bool                    // reply is Do's pooled channel: leave it open for reuse
+}
+
+// deliver sends r's one outcome. Whoever ends a request (its worker, or the
+// loop when Shutdown gives up) is the reply channel's only sender.
+func (r request[Req, Res]) deliver(res Result[Req, Res]) {
+	r.reply <- res
+	if !r.keep {
+		close(r.reply)
+	}
+}
+
+// worker runs requests one at a time, in the order the loop queued them.
+type worker[Req, Res any] struct {
+	b  *Balancer[Req, Res]
+	id int
+	fn Func[Req, Res]
+
+	// reqs is sent to and closed only by the loop. Its capacity is the
+	// queue depth and the loop never lets pending exceed it, so a send
+	// never blocks: the channel holds at most pending requests.
+	reqs chan request[Req, Res]
+	// exited is closed when the worker's goroutine ends.
+	exited chan struct{}
+
+	// Owned by the loop.
+	pending int   // requests queued or running
+	last    int64 // dispatch sequence number of the latest request
+	index   int   // slot in the pool; -1 once removed from it
+	removed bool
+
+	// Written by their single owner, read by Stats.
+	load      atomic.Int64  // pending, as last stored by the loop
+	gone      atomic.Bool   // stored by the loop on RemoveWorker
+	completed atomic.Uint64 // outcomes this worker delivered; the worker writes the rest
+	failed    atomic.Uint64
+	panics    atomic.Uint64
+}
+
+func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res]) *worker[Req, Res] {
+	return &worker[Req, Res]{
+		b:      b,
+		id:     id,
+		fn:     fn,
+		reqs:   make(chan request[Req, Res], b.depth),
+		exited: make(chan struct{}),
+		index:  -1,
+		// Never dispatched to: it has waited longest of all, ties by ID.
+		last: minSeq + int64(id),
+	}
+}
+
+// run serves requests until the loop closes reqs. The caller has done
+// b.wg.Add(1) for it.
+func (w *worker[Req, Res]) run() {
+	defer w.b.wg.Done()
+	for r := range w.reqs {
+		w.serve(r)
+	}
+	close(w.exited)
+}
+
+// serve delivers exactly one outcome for r and then reports the freed slot.
+func (w *worker[Req, Res]) serve(r request[Req, Res]) {
+	res := Result[Req, Res]{Req: r.req, Worker: w.id}
+	switch {
+	case w.b.abortCtx.Err() != nil:
+		res.Err = ErrClosed // Shutdown gave up waiting before r started
+	case r.ctx.Err() != nil:
+		res.Err = r.ctx.Err() // not run: its caller no longer wants it
+	default:
+		w.call(r, &res)
+	}
+	w.finish(r, res)
+}
+
+// call runs the Func for r. A panic becomes a *PanicError. If the Func calls
+// runtime.Goexit, this goroutine cannot be saved: call delivers the outcome
+// itself, frees the slot and starts a replacement goroutine for the worker.
+func (w *worker[Req, Res]) call(r request[Req, Res], res *Result[Req, Res]) {
+	ctx, cancel := w.b.runContext(r.ctx)
+	returned := false
+	defer func() {
+		cancel()
+		if returned {
+			return
+		}
+		if v := recover(); v != nil {
+			w.panics.Add(1)
+			res.Value = *new(Res)
+			res.Err = &PanicError{Value: v, Stack: debug.Stack()}
+			return
+		}
+		res.Value, res.Err = *new(Res), ErrGoexit
+		w.finish(r, *res)
+		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
+		go w.run()
+	}()
+	res.Value, res.Err = w.fn(ctx, r.req)
+	returned = true
+}
+
+// finish hands res to the caller and the freed slot to the loop. The counters
+// are written before the completion is reported, so once the loop has seen
+// every completion they are final.
+func (w *worker[Req, Res]) finish(r request[Req, Res], res Result[Req, Res]) {
+	if res.Err != nil {
+		w.failed.Add(1)
+	}
+	w.completed.Add(1)
+	r.deliver(res)
+	// The loop exits only when nothing is pending, and until then it always
+	// selects on done, so this send is taken in one loop iteration.
+	w.b.done <- w
+}
+
+// Stats is a snapshot of a Balancer's load and history. Each figure is read
+// atomically; figures of different workers may be a moment apart.
+type Stats struct {
+	// Workers lists the workers not yet retired, by ID: every worker
+	// added, and a removed one until its queue has drained.
+	Workers []WorkerStats
+	// Accepted counts requests accepted since New.
+	Accepted uint64
+	// Pending counts requests accepted and not yet finished.
+	Pending int
+	// Completed counts outcomes delivered, over all workers ever and
+	// including requests that ended without running (ctx done, ErrClosed).
+	Completed uint64
+	// Failed counts the Completed outcomes with a non-nil Err.
+	Failed uint64
+	// Panics counts Funcs that panicked (each also counts as Failed).
+	Panics uint64
+}
+
+// WorkerStats describes one worker.
+type WorkerStats struct {
+	ID        int
+	Pending   int    // requests queued or running on it
+	Completed uint64 // outcomes it delivered
+	Failed    uint64 // of those, outcomes with a non-nil Err
+	Panics    uint64 // of those, Func panics
+	Removed   bool   // RemoveWorker was called; it is finishing its queue
+}
+
+// Stats returns a snapshot of the balancer's figures. It never blocks, and
+// after Close it returns the final figures. Its cost is linear in the number
+// of workers.
+func (b *Balancer[Req, Res]) Stats() Stats {
+	r := b.roster.Load()
+	s := Stats{
+		Workers:   make([]WorkerStats, len(r.workers)),
+		Completed: r.retired.completed,
+		Failed:    r.retired.failed,
+		Panics:    r.retired.panics,
+	}
+	for i, w := range r.workers {
+		c := w.counts()
+		ws := WorkerStats{ID: w.id, Pending: int(w.load.Load()), Completed: c.completed, Failed: c.failed, Panics: c.panics, Removed: w.gone.Load()}
+		s.Workers[i] = ws
+		s.Pending += ws.Pending
+		s.Completed += c.completed
+		s.Failed += c.failed
+		s.Panics += c.panics
+	}
+	// Read after the completions it must not be less than: a request is
+	// accepted before it can complete.
+	s.Accepted = b.accepted.Load()
+	return s
+}
+
+// roster is what Stats reads: the workers not yet retired, in ID order, and
+// the final counts of those retired. The loop replaces it whole, never
+// changes it in place.
+type roster[Req, Res any] struct {
+	workers []*worker[Req, Res]
+	retired counts
+}
+
+type counts struct{ completed, failed, panics uint64 }
+
+func (c counts) plus(d counts) counts {
+	return counts{c.completed + d.completed, c.failed + d.failed, c.panics + d.panics}
+}
+
+func (w *worker[Req, Res]) counts() counts {
+	return counts{w.completed.Load(), w.failed.Load(), w.panics.Load()}
+}
