@@ -426,14 +426,16 @@ func (b *Balancer[Req, Res]) hasRoom() bool {
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	w := b.pool[0]
-	w.reqs <- r // cannot block: w.pending < depth = cap(w.reqs)
 	w.pending++
 	w.last = b.seq
 	b.seq++
 	heap.Fix(&b.pool, 0)
 	b.pending++
+	// Counted before the send, so Stats never sees a request complete
+	// before it was accepted.
 	w.load.Store(int64(w.pending))
 	b.accepted.Add(1)
+	w.reqs <- r // cannot block: pending was below depth = cap(w.reqs)
 }
 
 // complete records that w finished a request.

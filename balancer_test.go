@@ -1,11 +1,752 @@
-package balancer_test
+// The tests sit inside the package because the layout has one test file
+// besides the benchmarks and examples, and the heap's invariants need the
+// inside. Every behaviour test uses the exported API only.
+package balancer
 
 import (
+	"container/heap"
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
+	"time"
 
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
+}
+
+// gates is a Func whose request i runs until gate i is opened.
+type gates struct {
+	ch      []chan struct{}
+	started chan int // receives i as request i starts, if not nil
+}
+
+func newGates(n int) *gates {
+	g := &gates{ch: make([]chan struct{}, n)}
+	for i := range g.ch {
+		g.ch[i] = make(chan struct{})
+	}
+	return g
+}
+
+func (g *gates) fn(ctx context.Context, i int) (int, error) {
+	if g.started != nil {
+		g.started <- i
+	}
+	<-g.ch[i]
+	return i, nil
+}
+
+func (g *gates) open(i int) { close(g.ch[i]) }
+
+func (g *gates) openAll() {
+	for i := range g.ch {
+		select {
+		case <-g.ch[i]:
+		default:
+			close(g.ch[i])
+		}
+	}
+}
+
+func square(ctx context.Context, x int) (int, error) { return x * x, nil }
+
+func mustNew(t *testing.T, workers int, fn Func[int, int], opts ...Option) *Balancer[int, int] {
+	t.Helper()
+	b, err := New(workers, fn, opts...)
+	require.NoError(t, err)
+	return b
+}
+
+// pendings lists each worker's pending count in ID order.
+func pendings(b *Balancer[int, int]) []int {
+	var p []int
+	for _, w := range b.Stats().Workers {
+		p = append(p, w.Pending)
+	}
+	return p
+}
+
+// 1. Least-pending dispatch, ties to the worker that waited longest.
+func TestDispatchGoesToLeastPending(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(7)
+		b := mustNew(t, 3, g.fn, WithQueueDepth(4))
+		defer b.Close()
+		results := make([]<-chan Result[int, int], 7)
+		submit := func(i int, want []int) {
+			t.Helper()
+			var err error
+			results[i], err = b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			synctest.Wait()
+			assert.Equal(t, want, pendings(b), "pending per worker after request %d", i)
+		}
+		submit(0, []int{1, 0, 0})
+		submit(1, []int{1, 1, 0})
+		submit(2, []int{1, 1, 1})
+		submit(3, []int{2, 1, 1})
+		submit(4, []int{2, 2, 1})
+		submit(5, []int{2, 2, 2})
+		g.open(1) // worker 1 runs 1, then 4
+		g.open(4)
+		synctest.Wait()
+		assert.Equal(t, []int{2, 0, 2}, pendings(b), "after worker 1 drained")
+		submit(6, []int{2, 1, 2})
+		g.openAll()
+		for i, want := range []int{0, 1, 2, 0, 1, 2, 1} {
+			assert.Equal(t, want, (<-results[i]).Worker, "worker of request %d", i)
+		}
+	})
+}
+
+func TestLightLoadSpreadsOverAllWorkers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 4, square)
+		defer b.Close()
+		var got []int
+		for i := range 8 {
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			got = append(got, (<-c).Worker)
+			synctest.Wait() // the loop has taken the completion
+		}
+		assert.Equal(t, []int{0, 1, 2, 3, 0, 1, 2, 3}, got)
+	})
+}
+
+// 2. No deadlock: full buffers, backpressure, TrySubmit, callers that leave.
+func TestNoDeadlockWithFullBuffers(t *testing.T) {
+	const workers, depth = 3, 2
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var ran atomic.Int64
+		fn := func(ctx context.Context, i int) (int, error) {
+			<-release
+			ran.Add(1)
+			return i, nil
+		}
+		b := mustNew(t, workers, fn, WithQueueDepth(depth))
+		callers := 4 * workers * (depth + 1)
+		var wg sync.WaitGroup
+		for i := range callers {
+			wg.Go(func() {
+				v, err := b.Do(context.Background(), i)
+				assert.NoError(t, err)
+				assert.Equal(t, i, v)
+			})
+		}
+		synctest.Wait()
+		s := b.Stats()
+		assert.Equal(t, workers*depth, s.Pending, "every worker at its depth")
+		assert.Equal(t, uint64(workers*depth), s.Accepted, "the rest wait in Do")
+		close(release)
+		wg.Wait()
+		require.NoError(t, b.Close())
+		assert.Equal(t, int64(callers), ran.Load())
+	})
+}
+
+func TestSubmitWaitsForCapacityUntilCtxEnds(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(2)
+		b := mustNew(t, 1, g.fn, WithQueueDepth(1))
+		defer b.Close()
+		defer g.openAll()
+		_, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		start := time.Now()
+		_, err = b.Submit(ctx, 1)
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.Equal(t, time.Second, time.Since(start), "waited for the deadline, no longer")
+		assert.Equal(t, uint64(1), b.Stats().Accepted)
+	})
+}
+
+func TestTrySubmit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		none := mustNew(t, 0, square)
+		_, ok := none.TrySubmit(1)
+		assert.False(t, ok, "no workers")
+		require.NoError(t, none.Close())
+
+		g := newGates(3)
+		b := mustNew(t, 1, g.fn, WithQueueDepth(2))
+		c0, ok := b.TrySubmit(0)
+		assert.True(t, ok, "fresh idle balancer accepts")
+		c1, ok := b.TrySubmit(1)
+		assert.True(t, ok, "room for a second")
+		_, ok = b.TrySubmit(2)
+		assert.False(t, ok, "every worker at its depth")
+		g.open(0)
+		assert.Equal(t, 0, (<-c0).Value)
+		synctest.Wait()
+		c2, ok := b.TrySubmit(2)
+		assert.True(t, ok, "a slot freed")
+		g.openAll()
+		assert.Equal(t, 1, (<-c1).Value)
+		assert.Equal(t, 2, (<-c2).Value)
+		require.NoError(t, b.Close())
+		_, ok = b.TrySubmit(3)
+		assert.False(t, ok, "closed")
+	})
+}
+
+func TestCallerThatWalksAwayBlocksNobody(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 2, square, WithQueueDepth(1))
+		for i := range 20 {
+			_, err := b.Submit(context.Background(), i) // result never read
+			require.NoError(t, err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_, err := b.Do(ctx, 1)
+		assert.ErrorIs(t, err, context.Canceled)
+		require.NoError(t, b.Close())
+		assert.Equal(t, uint64(20), b.Stats().Completed)
+	})
+}
+
+// 3. Exactly one outcome per accepted request.
+func TestSubmitYieldsOneResultThenCloses(t *testing.T) {
+	b := mustNew(t, 2, square)
+	defer b.Close()
+	c, err := b.Submit(context.Background(), 7)
+	require.NoError(t, err)
+	r, ok := <-c
+	require.True(t, ok)
+	assert.Equal(t, Result[int, int]{Req: 7, Value: 49, Worker: 0}, r)
+	_, ok = <-c
+	assert.False(t, ok, "closed after its one result")
+}
+
+func TestRequestCancelledWhileQueuedDoesNotRun(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var ran []int
+		release := make(chan struct{})
+		fn := func(ctx context.Context, i int) (int, error) {
+			ran = append(ran, i) // one worker: no concurrent appends
+			<-release
+			return i, nil
+		}
+		b := mustNew(t, 1, fn, WithQueueDepth(2))
+		defer b.Close()
+		first, err := b.Submit(context.Background(), 1)
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(context.Background())
+		queued, err := b.Submit(ctx, 2)
+		require.NoError(t, err)
+		cancel()
+		close(release)
+		assert.NoError(t, (<-first).Err)
+		assert.ErrorIs(t, (<-queued).Err, context.Canceled)
+		assert.Equal(t, []int{1}, ran, "the cancelled request never ran")
+	})
+}
+
+func TestFuncGetsTheRequestContext(t *testing.T) {
+	type key struct{}
+	fn := func(ctx context.Context, _ int) (string, error) {
+		v, _ := ctx.Value(key{}).(string)
+		return v, nil
+	}
+	b, err := New(1, fn)
+	require.NoError(t, err)
+	defer b.Close()
+	got, err := b.Do(context.WithValue(context.Background(), key{}, "carried"), 0)
+	require.NoError(t, err)
+	assert.Equal(t, "carried", got)
+}
+
+func TestDoReturnsWhenCtxEndsWhileFuncRuns(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(1)
+		g.started = make(chan int, 1)
+		b := mustNew(t, 1, g.fn)
+		defer b.Close()
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() {
+			_, err := b.Do(ctx, 0)
+			errc <- err
+		}()
+		<-g.started
+		cancel()
+		assert.ErrorIs(t, <-errc, context.Canceled, "Do returned with the Func still running")
+		g.open(0)
+	})
+}
+
+// 4. Errors unchanged; panics and Goexit become outcomes; the worker lives.
+func TestFuncFailures(t *testing.T) {
+	errBoom := errors.New("boom")
+	fn := func(ctx context.Context, mode string) (int, error) {
+		switch mode {
+		case "error":
+			return 0, fmt.Errorf("wrapped: %w", errBoom)
+		case "panic":
+			panic(errBoom)
+		case "goexit":
+			runtime.Goexit()
+		}
+		return 1, nil
+	}
+	synctest.Test(t, func(t *testing.T) {
+		b, err := New(1, fn, WithQueueDepth(1))
+		require.NoError(t, err)
+		defer b.Close()
+		ctx := context.Background()
+
+		_, err = b.Do(ctx, "error")
+		assert.ErrorIs(t, err, errBoom)
+
+		_, err = b.Do(ctx, "panic")
+		var pe *PanicError
+		require.ErrorAs(t, err, &pe)
+		assert.Equal(t, errBoom, pe.Value)
+		assert.Contains(t, string(pe.Stack), "panic")
+		assert.Contains(t, pe.Error(), "boom")
+		assert.ErrorIs(t, err, errBoom, "PanicError unwraps an error value")
+
+		_, err = b.Do(ctx, "goexit")
+		assert.ErrorIs(t, err, ErrGoexit)
+
+		v, err := b.Do(ctx, "ok") // the one worker still serves, its slot freed
+		assert.NoError(t, err)
+		assert.Equal(t, 1, v)
+		synctest.Wait()
+		s := b.Stats()
+		assert.Equal(t, 0, s.Pending)
+		assert.Equal(t, uint64(4), s.Completed)
+		assert.Equal(t, uint64(3), s.Failed)
+		assert.Equal(t, uint64(1), s.Panics)
+	})
+}
+
+// 5. Close and Shutdown.
+func TestCloseFinishesAcceptedAndRefusesNew(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(4)
+		b := mustNew(t, 1, g.fn, WithQueueDepth(4))
+		var accepted []<-chan Result[int, int]
+		for i := range 4 {
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			accepted = append(accepted, c)
+		}
+		closed := make(chan error)
+		go func() { closed <- b.Close() }()
+		synctest.Wait()
+		select {
+		case <-closed:
+			t.Fatal("Close returned with requests pending")
+		default:
+		}
+		_, err := b.Submit(context.Background(), 9)
+		assert.ErrorIs(t, err, ErrClosed)
+		_, err = b.Do(context.Background(), 9)
+		assert.ErrorIs(t, err, ErrClosed)
+		_, ok := b.TrySubmit(9)
+		assert.False(t, ok)
+		_, err = b.AddWorker(square)
+		assert.ErrorIs(t, err, ErrClosed)
+		assert.ErrorIs(t, b.RemoveWorker(context.Background(), 0), ErrClosed)
+
+		g.openAll()
+		for i, c := range accepted {
+			r := <-c
+			assert.NoError(t, r.Err)
+			assert.Equal(t, i, r.Value)
+		}
+		assert.NoError(t, <-closed)
+		assert.NoError(t, b.Close(), "idempotent")
+		s := b.Stats()
+		assert.Equal(t, uint64(4), s.Completed, "final figures after Close")
+		assert.Equal(t, 0, s.Pending)
+	})
+}
+
+func TestCloseWhileSubmitting(t *testing.T) {
+	b := mustNew(t, 4, square, WithQueueDepth(1))
+	var wg sync.WaitGroup
+	var outcomes, refused atomic.Int64
+	for range 8 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				c, err := b.Submit(context.Background(), i)
+				if err != nil {
+					assert.ErrorIs(t, err, ErrClosed)
+					refused.Add(1)
+					return
+				}
+				r := <-c
+				assert.NoError(t, r.Err)
+				outcomes.Add(1)
+			}
+		})
+	}
+	for b.Stats().Accepted < 100 {
+		runtime.Gosched() // polls real state: let the submitters get going
+	}
+	var closers sync.WaitGroup
+	for range 3 {
+		closers.Go(func() { assert.NoError(t, b.Close()) })
+	}
+	closers.Wait()
+	wg.Wait()
+	assert.Equal(t, int64(8), refused.Load())
+	assert.Equal(t, int64(b.Stats().Accepted), outcomes.Load(), "every accepted request had its outcome")
+}
+
+func TestShutdownGivesUpOnSlowFuncs(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		started := make(chan int, 2)
+		fn := func(ctx context.Context, i int) (int, error) {
+			started <- i
+			if i == 0 {
+				<-release // ignores its ctx
+				return 0, nil
+			}
+			<-ctx.Done()
+			return 0, ctx.Err()
+		}
+		b := mustNew(t, 2, fn, WithQueueDepth(3))
+		var cs []<-chan Result[int, int]
+		for i := range 4 { // 0 and 2 on worker 0, 1 and 3 on worker 1
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		<-started
+		<-started
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		assert.ErrorIs(t, b.Shutdown(ctx), context.DeadlineExceeded)
+
+		r1 := <-cs[1]
+		assert.ErrorIs(t, r1.Err, context.Canceled, "running request's ctx cancelled")
+		assert.ErrorIs(t, (<-cs[2]).Err, ErrClosed, "queued behind a Func that ignores ctx")
+		assert.ErrorIs(t, (<-cs[3]).Err, ErrClosed, "queued, not started")
+		select {
+		case <-cs[0]:
+			t.Fatal("the Func that ignores its ctx cannot have finished")
+		default:
+		}
+		close(release)
+		assert.NoError(t, (<-cs[0]).Err)
+		require.NoError(t, b.Close())
+		s := b.Stats()
+		assert.Equal(t, uint64(4), s.Completed)
+		assert.Equal(t, uint64(4), s.Accepted)
+	})
+}
+
+func TestShutdownInTimeReturnsNil(t *testing.T) {
+	b := mustNew(t, 2, square)
+	_, err := b.Do(context.Background(), 3)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	assert.NoError(t, b.Shutdown(ctx))
+}
+
+// 6. AddWorker and RemoveWorker.
+func TestAddWorkerIsNextAndIDsAreFresh(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(4)
+		b := mustNew(t, 2, g.fn, WithQueueDepth(2))
+		defer b.Close()
+		defer g.openAll()
+		for i := range 2 {
+			_, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+		}
+		id, err := b.AddWorker(g.fn)
+		require.NoError(t, err)
+		assert.Equal(t, 2, id)
+		c, err := b.Submit(context.Background(), 2)
+		require.NoError(t, err)
+		synctest.Wait()
+		assert.Equal(t, []int{1, 1, 1}, pendings(b))
+
+		g.open(1) // lets worker 1 drain, so RemoveWorker can return
+		require.NoError(t, b.RemoveWorker(context.Background(), 1))
+		id, err = b.AddWorker(g.fn)
+		require.NoError(t, err)
+		assert.Equal(t, 3, id, "IDs are never reused")
+		g.open(2)
+		assert.Equal(t, 2, (<-c).Worker)
+	})
+}
+
+func TestRemoveWorkerDrainsAndWaits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(5)
+		b := mustNew(t, 2, g.fn, WithQueueDepth(2))
+		defer b.Close()
+		var cs []<-chan Result[int, int]
+		for i := range 4 { // 0 and 2 on worker 0; 1 and 3 on worker 1
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		removed := make(chan error, 1)
+		go func() { removed <- b.RemoveWorker(context.Background(), 1) }()
+		synctest.Wait()
+		assert.Empty(t, removed, "RemoveWorker waits for the queue to drain")
+		ws := b.Stats().Workers
+		require.Len(t, ws, 2)
+		assert.True(t, ws[1].Removed)
+
+		g.open(0)
+		assert.Equal(t, 0, (<-cs[0]).Worker)
+		c4, err := b.Submit(context.Background(), 4)
+		require.NoError(t, err)
+		synctest.Wait()
+		assert.Equal(t, []int{2, 2}, pendings(b), "request 4 went to worker 0 though worker 1 is busy too")
+
+		g.open(1)
+		g.open(3)
+		assert.NoError(t, <-removed)
+		assert.Equal(t, 1, (<-cs[1]).Worker)
+		assert.Equal(t, 1, (<-cs[3]).Worker)
+		assert.Len(t, b.Stats().Workers, 1)
+		g.openAll()
+		assert.Equal(t, 0, (<-c4).Worker)
+		assert.Equal(t, uint64(5), b.Stats().Completed, "a retired worker's counts stay in the totals")
+	})
+}
+
+func TestRemoveWorkerCtxBoundsOnlyTheWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(2)
+		b := mustNew(t, 1, g.fn)
+		defer b.Close()
+		c, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		assert.ErrorIs(t, b.RemoveWorker(ctx, 0), context.DeadlineExceeded)
+		assert.ErrorIs(t, b.RemoveWorker(context.Background(), 0), ErrUnknownWorker, "the removal stood")
+		g.open(0)
+		assert.NoError(t, (<-c).Err, "the removed worker finished its request")
+	})
+}
+
+func TestRemoveLastWorkerThenAdd(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 1, square)
+		defer b.Close()
+		require.NoError(t, b.RemoveWorker(context.Background(), 0))
+		assert.ErrorIs(t, b.RemoveWorker(context.Background(), 0), ErrUnknownWorker)
+		assert.ErrorIs(t, b.RemoveWorker(context.Background(), 42), ErrUnknownWorker)
+
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := b.Do(ctx, 2)
+		assert.ErrorIs(t, err, context.DeadlineExceeded, "no worker: Do waits until its ctx ends")
+
+		got := make(chan int)
+		go func() {
+			v, err := b.Do(context.Background(), 3)
+			assert.NoError(t, err)
+			got <- v
+		}()
+		synctest.Wait()
+		_, err = b.AddWorker(square)
+		require.NoError(t, err)
+		assert.Equal(t, 9, <-got)
+	})
+}
+
+// 7. FanIn.
+func TestFanIn(t *testing.T) {
+	ctx := context.Background()
+	t.Run("forwards every value and closes", func(t *testing.T) {
+		var ins []<-chan int
+		for i := range 5 {
+			c := make(chan int)
+			go func() {
+				defer close(c)
+				for j := range 100 {
+					c <- i*100 + j
+				}
+			}()
+			ins = append(ins, c)
+		}
+		seen := map[int]bool{}
+		for v := range FanIn(ctx, ins...) {
+			assert.False(t, seen[v], "duplicate %d", v)
+			seen[v] = true
+		}
+		assert.Len(t, seen, 500)
+	})
+	t.Run("no inputs closes at once", func(t *testing.T) {
+		_, ok := <-FanIn[int](ctx)
+		assert.False(t, ok)
+	})
+	t.Run("nil inputs are ignored", func(t *testing.T) {
+		c := make(chan int, 1)
+		c <- 1
+		close(c)
+		var got []int
+		for v := range FanIn(ctx, nil, c, nil) {
+			got = append(got, v)
+		}
+		assert.Equal(t, []int{1}, got)
+		_, ok := <-FanIn[int](ctx, nil)
+		assert.False(t, ok)
+	})
+	t.Run("ctx end closes the output and stops its goroutines", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			never := make(chan int) // never closed
+			busy := make(chan int, 1)
+			busy <- 1 // a value nobody reads
+			out := FanIn(ctx, never, busy)
+			synctest.Wait()
+			cancel()
+			for range out {
+			}
+			// synctest.Test fails if a FanIn goroutine is left behind.
+		})
+	})
+	t.Run("nil ctx panics with a clear message", func(t *testing.T) {
+		assert.PanicsWithValue(t, "balancer: FanIn called with a nil Context", func() {
+			FanIn[int](nil) //nolint:staticcheck // the nil ctx is the point
+		})
+	})
+}
+
+// 8. Bad input.
+func TestBadInput(t *testing.T) {
+	tests := []struct {
+		name    string
+		workers int
+		fn      Func[int, int]
+		opts    []Option
+	}{
+		{"negative workers", -1, square, nil},
+		{"nil func", 1, nil, nil},
+		{"depth zero", 1, square, []Option{WithQueueDepth(0)}},
+		{"negative depth", 1, square, []Option{WithQueueDepth(-3)}},
+		{"depth too large", 1, square, []Option{WithQueueDepth(MaxQueueDepth + 1)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b, err := New(tt.workers, tt.fn, tt.opts...)
+			assert.ErrorIs(t, err, ErrInvalidArgument)
+			assert.Nil(t, b)
+		})
+	}
+	b := mustNew(t, 1, square, nil, WithQueueDepth(MaxQueueDepth))
+	defer b.Close()
+	var nilCtx context.Context
+	_, err := b.AddWorker(nil)
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = b.Do(nilCtx, 1)
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	_, err = b.Submit(nilCtx, 1)
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.ErrorIs(t, b.RemoveWorker(nilCtx, 0), ErrInvalidArgument)
+	assert.ErrorIs(t, b.Shutdown(nilCtx), ErrInvalidArgument)
+	v, err := b.Do(context.Background(), 5)
+	assert.NoError(t, err, "still usable after the bad calls")
+	assert.Equal(t, 25, v)
+}
+
+// 9. Stats under concurrency (run with -race).
+func TestStatsIsConsistentUnderLoad(t *testing.T) {
+	b := mustNew(t, 4, square)
+	stop := make(chan struct{})
+	var readers sync.WaitGroup
+	for range 2 {
+		readers.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				s := b.Stats()
+				assert.GreaterOrEqual(t, s.Accepted, s.Completed)
+				assert.LessOrEqual(t, s.Pending, 4*DefaultQueueDepth)
+			}
+		})
+	}
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for i := range 500 {
+				_, err := b.Do(context.Background(), i)
+				assert.NoError(t, err)
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	readers.Wait()
+	require.NoError(t, b.Close())
+	s := b.Stats()
+	assert.Equal(t, uint64(4000), s.Accepted)
+	assert.Equal(t, uint64(4000), s.Completed)
+	var sum uint64
+	for _, w := range s.Workers {
+		sum += w.Completed
+		assert.Positive(t, w.Completed, "worker %d was used", w.ID)
+	}
+	assert.Equal(t, s.Completed, sum)
+}
+
+// The heap's invariant, from the inside.
+func checkHeap(t *testing.T, p pool[int, int]) {
+	t.Helper()
+	for i, w := range p {
+		require.Equal(t, i, w.index, "worker %d's index", w.id)
+		if i > 0 {
+			require.False(t, p.Less(i, (i-1)/2), "slot %d sorts before its parent", i)
+		}
+	}
+}
+
+func TestPoolKeepsHeapInvariant(t *testing.T) {
+	var p pool[int, int]
+	for i := range 16 {
+		heap.Push(&p, &worker[int, int]{id: i, last: minSeq + int64(i)})
+		checkHeap(t, p)
+	}
+	seq := int64(0)
+	for step := range 1000 {
+		w := p[0]
+		if step%3 == 2 { // complete on some worker with work
+			w = p[(step*7)%len(p)]
+			if w.pending == 0 {
+				continue
+			}
+			w.pending--
+		} else {
+			w.pending++
+			w.last = seq
+			seq++
+		}
+		heap.Fix(&p, w.index)
+		checkHeap(t, p)
+	}
+	w := heap.Remove(&p, 5).(*worker[int, int])
+	assert.Equal(t, -1, w.index)
+	checkHeap(t, p)
 }
