@@ -119,11 +119,9 @@ func WithQueueDepth(n int) Option {
 type Balancer[Req, Res any] struct {
 	depth    int
 	requests chan request[Req, Res] // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
-	tries    chan tryRequest[Req, Res]
-	cmds     chan command[Req, Res]
-	done     chan *worker[Req, Res]
-	quit     chan struct{} // closed once, by the first Close or Shutdown
-	exited   chan struct{} // closed by the loop as it returns
+	events   chan event[Req, Res]   // completions and commands; buffered so a worker rarely waits to report
+	quit     chan struct{}          // closed once, by the first Close or Shutdown
+	exited   chan struct{}          // closed by the loop as it returns
 	quitOnce sync.Once
 	abortCtx context.Context // cancelled when a Shutdown's ctx ends first
 	abort    context.CancelFunc
@@ -144,23 +142,45 @@ type Balancer[Req, Res any] struct {
 // dispatched to sorts before all that were.
 const minSeq = math.MinInt64
 
-// tryRequest is a TrySubmit; ok (capacity 1) carries the loop's answer.
-type tryRequest[Req, Res any] struct {
-	request[Req, Res]
-	ok chan bool
+// eventBuffer is the capacity of the events channel. Completions are the
+// bulk of the events; with this much room workers seldom park to report one,
+// and the loop takes them in batches. The loop always receives events, so a
+// full buffer only delays a worker, it cannot deadlock it.
+const eventBuffer = 1024
+
+// event is what the loop receives besides requests: worker done finished a
+// request, or (done == nil) a command.
+type event[Req, Res any] struct {
+	done *worker[Req, Res]
+	cmd  *command[Req, Res]
 }
 
-// command asks the loop to add a worker (fn != nil) or remove worker id.
+// command asks the loop to do something only the owner of the pool can.
 type command[Req, Res any] struct {
-	fn    Func[Req, Res]
-	id    int
+	op    op
+	fn    Func[Req, Res]    // opAdd
+	id    int               // opRemove
+	req   request[Req, Res] // opTry
 	reply chan commandReply // capacity 1: the loop never blocks answering
 }
 
+type op int
+
+const (
+	opAdd    op = iota // start a worker running fn
+	opRemove           // remove worker id
+	opTry              // dispatch req if some worker has room
+	opAbort            // Shutdown gave up: end the requests still queued
+)
+
 type commandReply struct {
-	id     int
-	exited <-chan struct{}
-	err    error
+	id     int             // opAdd: the new worker's ID
+	exited <-chan struct{} // opRemove: closed when the worker's goroutine ends
+	// opRemove: closed when the loop has taken the worker's last
+	// completion and folded its counts into the totals
+	retired <-chan struct{}
+	ok      bool // opTry: whether req was dispatched
+	err     error
 }
 
 // New starts a Balancer with workers workers, IDs 0 to workers-1, each
@@ -186,9 +206,7 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	b := &Balancer[Req, Res]{
 		depth:    o.depth,
 		requests: make(chan request[Req, Res]),
-		tries:    make(chan tryRequest[Req, Res]),
-		cmds:     make(chan command[Req, Res]),
-		done:     make(chan *worker[Req, Res]),
+		events:   make(chan event[Req, Res], eventBuffer),
 		quit:     make(chan struct{}),
 		exited:   make(chan struct{}),
 		workers:  make(map[int]*worker[Req, Res]),
@@ -249,13 +267,12 @@ func (b *Balancer[Req, Res]) Submit(ctx context.Context, req Req) (<-chan Result
 // answer, never for a request to finish.
 func (b *Balancer[Req, Res]) TrySubmit(req Req) (<-chan Result[Req, Res], bool) {
 	reply := make(chan Result[Req, Res], 1)
-	t := tryRequest[Req, Res]{request: request[Req, Res]{ctx: context.Background(), req: req, reply: reply}, ok: make(chan bool, 1)}
-	select {
-	case b.tries <- t:
-		return reply, <-t.ok
-	case <-b.quit:
+	r := request[Req, Res]{ctx: context.Background(), req: req, reply: reply}
+	rep, err := b.command(&command[Req, Res]{op: opTry, req: r})
+	if err != nil || !rep.ok {
 		return nil, false
 	}
+	return reply, true
 }
 
 // AddWorker starts a worker running fn and returns its ID, which no other
@@ -266,7 +283,7 @@ func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res]) (id int, err error) {
 	if fn == nil {
 		return 0, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
 	}
-	rep, err := b.command(command[Req, Res]{fn: fn})
+	rep, err := b.command(&command[Req, Res]{op: opAdd, fn: fn})
 	return rep.id, err
 }
 
@@ -281,16 +298,18 @@ func (b *Balancer[Req, Res]) RemoveWorker(ctx context.Context, id int) error {
 	if ctx == nil {
 		return errNilContext
 	}
-	rep, err := b.command(command[Req, Res]{id: id})
+	rep, err := b.command(&command[Req, Res]{op: opRemove, id: id})
 	if err != nil {
 		return err
 	}
-	select {
-	case <-rep.exited:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	for _, c := range []<-chan struct{}{rep.retired, rep.exited} {
+		select {
+		case <-c:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
+	return nil
 }
 
 // Close stops accepting requests, waits for every accepted request to
@@ -314,6 +333,7 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	case <-b.exited:
 	case <-ctx.Done():
 		b.abort()
+		b.command(&command[Req, Res]{op: opAbort})
 		return ctx.Err()
 	}
 	// The loop has closed every worker's channel with nothing pending, so
@@ -322,6 +342,8 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	b.abort() // releases the context's resources; nothing is left to cancel
 	return nil
 }
+
+func noop() {}
 
 var errNilContext = fmt.Errorf("%w: nil Context", ErrInvalidArgument)
 
@@ -351,16 +373,33 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 	}
 }
 
-// command sends c to the loop and returns its answer.
-func (b *Balancer[Req, Res]) command(c command[Req, Res]) (commandReply, error) {
+// command sends c to the loop and returns its answer, or ErrClosed once
+// the loop is gone. Commands other than opAbort are refused after Close
+// began, by the loop or here.
+func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error) {
 	c.reply = make(chan commandReply, 1)
+	refuse := b.quit
+	if c.op == opAbort {
+		refuse = b.exited
+	}
 	select {
-	case b.cmds <- c:
-	case <-b.quit:
+	case b.events <- event[Req, Res]{cmd: c}:
+	case <-refuse:
 		return commandReply{}, ErrClosed
 	}
-	rep := <-c.reply
-	return rep, rep.err
+	select {
+	case rep := <-c.reply:
+		return rep, rep.err
+	case <-b.exited:
+		// The loop ended with c unread in the buffer, or answered just
+		// before it ended.
+		select {
+		case rep := <-c.reply:
+			return rep, rep.err
+		default:
+			return commandReply{}, ErrClosed
+		}
+	}
 }
 
 // runContext returns the context a Func runs under: the request's, also
@@ -369,7 +408,7 @@ func (b *Balancer[Req, Res]) command(c command[Req, Res]) (commandReply, error) 
 // allocations of merging two contexts on the common path.
 func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	if ctx == context.Background() || ctx == context.TODO() {
-		return b.abortCtx, func() {}
+		return b.abortCtx, noop
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(b.abortCtx, cancel)
@@ -381,40 +420,54 @@ func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, c
 // which always includes done, so a worker's report is taken promptly.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
-	quit, aborted := b.quit, b.abortCtx.Done()
+	quit := b.quit
 	for quit != nil || b.pending > 0 {
 		// Take requests only while the least-loaded worker has room: this
 		// is what keeps every send to a worker from blocking.
 		var requests chan request[Req, Res]
-		var tries chan tryRequest[Req, Res]
-		if quit != nil {
-			tries = b.tries
-			if b.hasRoom() {
-				requests = b.requests
-			}
+		if quit != nil && b.hasRoom() {
+			requests = b.requests
 		}
 		select {
 		case r := <-requests:
 			b.dispatch(r)
-		case t := <-tries:
-			ok := b.hasRoom()
-			if ok {
-				b.dispatch(t.request)
-			}
-			t.ok <- ok
-		case w := <-b.done:
-			b.complete(w)
-		case c := <-b.cmds:
-			c.reply <- b.apply(c, quit == nil)
+		case ev := <-b.events:
+			b.handle(ev, quit == nil)
 		case <-quit:
 			quit = nil
-		case <-aborted:
-			aborted = nil
-			b.dropQueued()
 		}
+		b.drain(quit != nil)
 	}
 	for _, w := range b.pool {
 		close(w.reqs)
+	}
+}
+
+// drainBatch bounds the work drain does between two full selects, so that
+// a steady stream of requests cannot keep the loop from seeing Close or a
+// command.
+const drainBatch = 128
+
+// drain takes completions and requests that are already waiting, with
+// single-channel polls that cost much less than the full select. Completions
+// go first so that each dispatch sees the freshest loads.
+func (b *Balancer[Req, Res]) drain(accepting bool) {
+	for range drainBatch {
+		select {
+		case ev := <-b.events:
+			b.handle(ev, !accepting)
+			continue
+		default:
+		}
+		if !accepting || !b.hasRoom() {
+			return
+		}
+		select {
+		case r := <-b.requests:
+			b.dispatch(r)
+		default:
+			return
+		}
 	}
 }
 
@@ -451,13 +504,31 @@ func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
 	}
 }
 
-// apply carries out an AddWorker or RemoveWorker command.
-func (b *Balancer[Req, Res]) apply(c command[Req, Res], closing bool) commandReply {
-	if closing {
-		return commandReply{err: ErrClosed}
+// handle takes one event.
+func (b *Balancer[Req, Res]) handle(ev event[Req, Res], closing bool) {
+	if ev.cmd == nil {
+		b.complete(ev.done)
+		return
 	}
-	if c.fn != nil {
+	ev.cmd.reply <- b.apply(ev.cmd, closing)
+}
+
+// apply carries out a command.
+func (b *Balancer[Req, Res]) apply(c *command[Req, Res], closing bool) commandReply {
+	switch {
+	case c.op == opAbort:
+		b.dropQueued()
+		return commandReply{}
+	case closing:
+		return commandReply{err: ErrClosed}
+	case c.op == opAdd:
 		return commandReply{id: b.addWorker(c.fn)}
+	case c.op == opTry:
+		ok := b.hasRoom()
+		if ok {
+			b.dispatch(c.req)
+		}
+		return commandReply{ok: ok}
 	}
 	w, ok := b.workers[c.id]
 	if !ok || w.removed {
@@ -470,7 +541,7 @@ func (b *Balancer[Req, Res]) apply(c command[Req, Res], closing bool) commandRep
 	if w.pending == 0 {
 		b.retire(w)
 	}
-	return commandReply{exited: w.exited}
+	return commandReply{exited: w.exited, retired: w.retired}
 }
 
 // addWorker creates and starts a worker. New calls it before the loop
@@ -492,6 +563,7 @@ func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res]) int {
 // never counts them twice or not at all.
 func (b *Balancer[Req, Res]) retire(w *worker[Req, Res]) {
 	delete(b.workers, w.id)
+	close(w.retired)
 	r := b.roster.Load()
 	next := &roster[Req, Res]{retired: r.retired.plus(w.counts())}
 	for _, v := range r.workers {

@@ -35,6 +35,9 @@ type worker[Req, Res any] struct {
 	reqs chan request[Req, Res]
 	// exited is closed when the worker's goroutine ends.
 	exited chan struct{}
+	// retired is closed by the loop once a removed worker has nothing
+	// pending and Stats counts it in the totals.
+	retired chan struct{}
 
 	// Owned by the loop.
 	pending int   // requests queued or running
@@ -52,12 +55,13 @@ type worker[Req, Res any] struct {
 
 func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res]) *worker[Req, Res] {
 	return &worker[Req, Res]{
-		b:      b,
-		id:     id,
-		fn:     fn,
-		reqs:   make(chan request[Req, Res], b.depth),
-		exited: make(chan struct{}),
-		index:  -1,
+		b:       b,
+		id:      id,
+		fn:      fn,
+		reqs:    make(chan request[Req, Res], b.depth),
+		exited:  make(chan struct{}),
+		retired: make(chan struct{}),
+		index:   -1,
 		// Never dispatched to: it has waited longest of all, ties by ID.
 		last: minSeq + int64(id),
 	}
@@ -123,8 +127,8 @@ func (w *worker[Req, Res]) finish(r request[Req, Res], res Result[Req, Res]) {
 	w.completed.Add(1)
 	r.deliver(res)
 	// The loop exits only when nothing is pending, and until then it always
-	// selects on done, so this send is taken in one loop iteration.
-	w.b.done <- w
+	// receives events, so this send cannot block for long.
+	w.b.events <- event[Req, Res]{done: w}
 }
 
 // Stats is a snapshot of a Balancer's load and history. Each figure is read
