@@ -134,6 +134,7 @@ type Balancer[Req, Res any] struct {
 	pool    pool[Req, Res]
 	workers map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
 	nextID  int
+	closing bool  // Close or Shutdown began
 	seq     int64 // dispatch sequence number
 	pending int   // over all workers
 }
@@ -170,6 +171,7 @@ const (
 	opAdd    op = iota // start a worker running fn
 	opRemove           // remove worker id
 	opTry              // dispatch req if some worker has room
+	opQuit             // Close began: accept nothing more
 	opAbort            // Shutdown gave up: end the requests still queued
 )
 
@@ -234,11 +236,17 @@ func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
 		b.replies.Put(reply)
 		return zero, err
 	}
+	done := ctx.Done()
+	if done == nil { // ctx is never done: a plain receive skips the select
+		res := <-reply
+		b.replies.Put(reply)
+		return res.Value, res.Err
+	}
 	select {
 	case res := <-reply:
 		b.replies.Put(reply)
 		return res.Value, res.Err
-	case <-ctx.Done():
+	case <-done:
 		// The worker's send still lands in the buffer; the channel is
 		// left to the garbage collector instead of going back to the pool.
 		return zero, ctx.Err()
@@ -328,7 +336,10 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	if ctx == nil {
 		return errNilContext
 	}
-	b.quitOnce.Do(func() { close(b.quit) })
+	b.quitOnce.Do(func() {
+		close(b.quit) // for callers waiting in Submit and for new ones
+		b.command(&command[Req, Res]{op: opQuit})
+	})
 	select {
 	case <-b.exited:
 	case <-ctx.Done():
@@ -363,6 +374,13 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 		return ctx.Err()
 	default:
 	}
+	// If the loop is parked waiting for requests, hand r over without the
+	// cost of a select.
+	select {
+	case b.requests <- r:
+		return nil
+	default:
+	}
 	select {
 	case b.requests <- r:
 		return nil
@@ -379,7 +397,7 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error) {
 	c.reply = make(chan commandReply, 1)
 	refuse := b.quit
-	if c.op == opAbort {
+	if c.op == opQuit || c.op == opAbort {
 		refuse = b.exited
 	}
 	select {
@@ -420,23 +438,20 @@ func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, c
 // which always includes done, so a worker's report is taken promptly.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
-	quit := b.quit
-	for quit != nil || b.pending > 0 {
+	for !b.closing || b.pending > 0 {
 		// Take requests only while the least-loaded worker has room: this
 		// is what keeps every send to a worker from blocking.
-		var requests chan request[Req, Res]
-		if quit != nil && b.hasRoom() {
-			requests = b.requests
+		if !b.closing && b.hasRoom() {
+			select {
+			case r := <-b.requests:
+				b.dispatch(r)
+			case ev := <-b.events:
+				b.handle(ev)
+			}
+		} else {
+			b.handle(<-b.events)
 		}
-		select {
-		case r := <-requests:
-			b.dispatch(r)
-		case ev := <-b.events:
-			b.handle(ev, quit == nil)
-		case <-quit:
-			quit = nil
-		}
-		b.drain(quit != nil)
+		b.drain()
 	}
 	for _, w := range b.pool {
 		close(w.reqs)
@@ -451,15 +466,15 @@ const drainBatch = 128
 // drain takes completions and requests that are already waiting, with
 // single-channel polls that cost much less than the full select. Completions
 // go first so that each dispatch sees the freshest loads.
-func (b *Balancer[Req, Res]) drain(accepting bool) {
+func (b *Balancer[Req, Res]) drain() {
 	for range drainBatch {
 		select {
 		case ev := <-b.events:
-			b.handle(ev, !accepting)
+			b.handle(ev)
 			continue
 		default:
 		}
-		if !accepting || !b.hasRoom() {
+		if b.closing || !b.hasRoom() {
 			return
 		}
 		select {
@@ -505,21 +520,24 @@ func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
 }
 
 // handle takes one event.
-func (b *Balancer[Req, Res]) handle(ev event[Req, Res], closing bool) {
+func (b *Balancer[Req, Res]) handle(ev event[Req, Res]) {
 	if ev.cmd == nil {
 		b.complete(ev.done)
 		return
 	}
-	ev.cmd.reply <- b.apply(ev.cmd, closing)
+	ev.cmd.reply <- b.apply(ev.cmd)
 }
 
 // apply carries out a command.
-func (b *Balancer[Req, Res]) apply(c *command[Req, Res], closing bool) commandReply {
+func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	switch {
+	case c.op == opQuit:
+		b.closing = true
+		return commandReply{}
 	case c.op == opAbort:
 		b.dropQueued()
 		return commandReply{}
-	case closing:
+	case b.closing:
 		return commandReply{err: ErrClosed}
 	case c.op == opAdd:
 		return commandReply{id: b.addWorker(c.fn)}
