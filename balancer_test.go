@@ -8,7 +8,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"os"
 	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -749,4 +752,259 @@ func TestPoolKeepsHeapInvariant(t *testing.T) {
 	w := heap.Remove(&p, 5).(*worker[int, int])
 	assert.Equal(t, -1, w.index)
 	checkHeap(t, p)
+}
+
+// The stress test: many submitters, every kind of outcome, cancellations at
+// every stage, worker churn and a Close or Shutdown in the middle, checked
+// request by request. BALANCER_STRESS=N runs N requests (the full run uses
+// 1000000); -short runs a small version. BALANCER_SEED=S replays a seed.
+func TestStress(t *testing.T) {
+	requests := 20_000
+	if testing.Short() {
+		requests = 4_000
+	}
+	if n, err := strconv.Atoi(os.Getenv("BALANCER_STRESS")); err == nil {
+		requests = n
+	}
+	seed := time.Now().UnixNano()
+	if s, err := strconv.ParseInt(os.Getenv("BALANCER_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	t.Logf("seed %d (replay with BALANCER_SEED=%d), %d requests", seed, seed, requests)
+	st := newStress(seed, requests)
+	start := time.Now()
+	st.run(t)
+	t.Logf("%d accepted, %d refused, outcomes: %v, in %v", st.accepted.Load(), st.refused.Load(), st.kinds, time.Since(start))
+}
+
+const (
+	kindOK = iota
+	kindError
+	kindPanic
+	kindGoexit
+	kindBlock // waits for its ctx, which its submitter always cancels
+	kinds
+)
+
+var errStress = errors.New("stress: Func failed")
+
+type stress struct {
+	seed     int64
+	requests int
+	ran      []atomic.Int32 // times the Func ran for request i
+	kindOf   []int
+	results  []<-chan Result[int, int] // nil if refused
+	next     atomic.Int64
+	accepted atomic.Int64
+	refused  atomic.Int64
+	kinds    map[string]int
+}
+
+func newStress(seed int64, requests int) *stress {
+	st := &stress{seed: seed, requests: requests, ran: make([]atomic.Int32, requests),
+		kindOf: make([]int, requests), results: make([]<-chan Result[int, int], requests), kinds: map[string]int{}}
+	rng := rand.New(rand.NewPCG(uint64(seed), 1))
+	for i := range st.kindOf {
+		st.kindOf[i] = rng.IntN(kinds)
+	}
+	return st
+}
+
+func (st *stress) fn(ctx context.Context, i int) (int, error) {
+	st.ran[i].Add(1)
+	switch st.kindOf[i] {
+	case kindError:
+		return 0, errStress
+	case kindPanic:
+		panic(i)
+	case kindGoexit:
+		runtime.Goexit()
+	case kindBlock:
+		<-ctx.Done()
+		return 0, ctx.Err()
+	}
+	return 2 * i, nil
+}
+
+func (st *stress) run(t *testing.T) {
+	b, err := New(8, st.fn, WithQueueDepth(1+int(st.seed%4)))
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	for g := range 64 {
+		wg.Go(func() { st.submitter(t, b, uint64(g)) })
+	}
+	wg.Go(func() { st.churn(t, b) })
+	wg.Go(func() { st.closer(t, b) })
+	wg.Wait()
+	require.NoError(t, b.Close())
+	st.check(t, b)
+}
+
+// submitter sends requests until they run out or the balancer closes.
+func (st *stress) submitter(t *testing.T, b *Balancer[int, int], g uint64) {
+	rng := rand.New(rand.NewPCG(uint64(st.seed), g+2))
+	var cancels []context.CancelFunc
+	defer func() {
+		for _, cancel := range cancels {
+			cancel()
+		}
+	}()
+	for {
+		i := int(st.next.Add(1)) - 1
+		if i >= st.requests {
+			return
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		cancelFirst := rng.IntN(20) == 0
+		if cancelFirst {
+			cancel()
+		}
+		c, err := b.Submit(ctx, i)
+		switch {
+		case err == nil:
+			st.results[i] = c
+			st.accepted.Add(1)
+		case cancelFirst && errors.Is(err, context.Canceled), errors.Is(err, ErrClosed):
+			st.refused.Add(1)
+		default:
+			t.Errorf("request %d: Submit: %v", i, err)
+		}
+		if st.kindOf[i] == kindBlock || rng.IntN(10) == 0 {
+			if rng.IntN(2) == 0 {
+				runtime.Gosched() // sometimes let it reach a worker first
+			}
+			cancel()
+		}
+		if err == nil && rng.IntN(4) == 0 {
+			r := <-c // most callers walk away; check() reads the rest
+			st.results[i] = resultChan(r, c)
+		}
+		cancels = append(cancels, cancel)
+		if errors.Is(err, ErrClosed) {
+			return
+		}
+	}
+}
+
+// resultChan gives check the one result already read, followed by whatever
+// else c yields, which must be nothing.
+func resultChan(r Result[int, int], c <-chan Result[int, int]) <-chan Result[int, int] {
+	out := make(chan Result[int, int], 2)
+	out <- r
+	if extra, ok := <-c; ok {
+		out <- extra
+	}
+	close(out)
+	return out
+}
+
+// churn adds and removes workers while requests flow.
+func (st *stress) churn(t *testing.T, b *Balancer[int, int]) {
+	rng := rand.New(rand.NewPCG(uint64(st.seed), 1))
+	ids := []int{0, 1, 2, 3, 4, 5, 6, 7}
+	for st.next.Load() < int64(st.requests) {
+		if len(ids) > 1 && rng.IntN(2) == 0 {
+			k := rng.IntN(len(ids))
+			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(2000))*time.Microsecond)
+			err := b.RemoveWorker(ctx, ids[k])
+			cancel()
+			if errors.Is(err, ErrClosed) {
+				return
+			}
+			if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("RemoveWorker(%d): %v", ids[k], err)
+			}
+			ids = append(ids[:k], ids[k+1:]...)
+		} else {
+			id, err := b.AddWorker(st.fn)
+			if errors.Is(err, ErrClosed) {
+				return
+			}
+			if !assert.NoError(t, err) {
+				return
+			}
+			ids = append(ids, id)
+		}
+		runtime.Gosched()
+	}
+}
+
+// closer closes the balancer about halfway, with Close or with a Shutdown
+// that may give up.
+func (st *stress) closer(t *testing.T, b *Balancer[int, int]) {
+	rng := rand.New(rand.NewPCG(uint64(st.seed), 0))
+	at := int64(st.requests/2 + rng.IntN(st.requests/2))
+	for st.next.Load() < at {
+		runtime.Gosched() // polls real state
+	}
+	if rng.IntN(2) == 0 {
+		assert.NoError(t, b.Close())
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(1000))*time.Microsecond)
+	defer cancel()
+	if err := b.Shutdown(ctx); err != nil {
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+	}
+}
+
+// check reads every accepted request's channel: exactly one outcome each,
+// of a kind its Func and its fate allow, and totals that agree with Stats.
+func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
+	var completed, failed, panics uint64
+	for i, c := range st.results {
+		if c == nil {
+			assert.Zero(t, st.ran[i].Load(), "refused request %d ran", i)
+			continue
+		}
+		r, ok := <-c
+		require.True(t, ok, "request %d: no outcome", i)
+		_, extra := <-c
+		require.False(t, extra, "request %d: a second outcome", i)
+		require.Equal(t, i, r.Req)
+		completed++
+		ran := st.ran[i].Load()
+		require.LessOrEqual(t, ran, int32(1), "request %d ran twice", i)
+		var pe *PanicError
+		kind := "value"
+		switch {
+		case r.Err == nil:
+			require.Equal(t, kindOK, st.kindOf[i], "request %d", i)
+			require.Equal(t, 2*i, r.Value)
+		case errors.Is(r.Err, ErrClosed):
+			kind = "closed"
+			require.Zero(t, ran, "request %d: ErrClosed but it ran", i)
+		case errors.Is(r.Err, context.Canceled) && ran == 0:
+			kind = "cancelled before it ran"
+		case errors.As(r.Err, &pe):
+			kind = "panic"
+			panics++
+			require.Equal(t, kindPanic, st.kindOf[i])
+			require.Equal(t, i, pe.Value)
+		case errors.Is(r.Err, ErrGoexit):
+			kind = "goexit"
+			require.Equal(t, kindGoexit, st.kindOf[i])
+		case errors.Is(r.Err, errStress):
+			kind = "error"
+			require.Equal(t, kindError, st.kindOf[i])
+		case errors.Is(r.Err, context.Canceled):
+			kind = "cancelled while running"
+			require.Equal(t, kindBlock, st.kindOf[i])
+		default:
+			t.Fatalf("request %d: unexpected outcome %v", i, r.Err)
+		}
+		if r.Err != nil {
+			failed++
+		}
+		if kind != "closed" && kind != "cancelled before it ran" {
+			require.Equal(t, int32(1), ran, "request %d: outcome %q but the Func did not run", i, kind)
+		}
+		st.kinds[kind]++
+	}
+	s := b.Stats()
+	assert.Equal(t, uint64(st.accepted.Load()), s.Accepted, "accepted")
+	assert.Equal(t, completed, s.Completed, "completed")
+	assert.Equal(t, failed, s.Failed, "failed")
+	assert.Equal(t, panics, s.Panics, "panics")
+	assert.Zero(t, s.Pending)
 }
