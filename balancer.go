@@ -323,6 +323,12 @@ func (b *Balancer[Req, Res]) RemoveWorker(ctx context.Context, id int) error {
 // Close stops accepting requests, waits for every accepted request to
 // finish and for every goroutine the Balancer started to end. It is
 // idempotent, safe to call concurrently with any method, and returns nil.
+//
+// Called from inside one of the balancer's own Funcs, Close and Shutdown
+// begin closing and return nil at once, because the wait would include the
+// caller; the balancer finishes closing after that Func returns. (A Func
+// that waits for another goroutine calling Close is not detected: give
+// that goroutine Shutdown with a deadline.)
 func (b *Balancer[Req, Res]) Close() error {
 	return b.Shutdown(context.Background())
 }
@@ -340,6 +346,9 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 		close(b.quit) // for callers waiting in Submit and for new ones
 		b.command(&command[Req, Res]{op: opQuit})
 	})
+	if b.inFunc() {
+		return nil
+	}
 	select {
 	case <-b.exited:
 	case <-ctx.Done():

@@ -755,26 +755,40 @@ func TestPoolKeepsHeapInvariant(t *testing.T) {
 }
 
 // The stress test: many submitters, every kind of outcome, cancellations at
-// every stage, worker churn and a Close or Shutdown in the middle, checked
-// request by request. BALANCER_STRESS=N runs N requests (the full run uses
-// 1000000); -short runs a small version. BALANCER_SEED=S replays a seed.
+// every stage, worker churn and a Close or Shutdown in the middle of each
+// round, checked request by request. A round is one balancer's life; rounds
+// run until the requests made (accepted or refused) reach the target.
+// BALANCER_STRESS=N sets the target (the full run uses 1000000); -short
+// runs a small version. BALANCER_SEED=S replays a seed.
 func TestStress(t *testing.T) {
-	requests := 20_000
+	requests, round := 40_000, 10_000
 	if testing.Short() {
-		requests = 4_000
+		requests, round = 8_000, 4_000
 	}
 	if n, err := strconv.Atoi(os.Getenv("BALANCER_STRESS")); err == nil {
-		requests = n
+		requests, round = n, max(n/20, 1000)
 	}
 	seed := time.Now().UnixNano()
 	if s, err := strconv.ParseInt(os.Getenv("BALANCER_SEED"), 10, 64); err == nil {
 		seed = s
 	}
-	t.Logf("seed %d (replay with BALANCER_SEED=%d), %d requests", seed, seed, requests)
-	st := newStress(seed, requests)
+	t.Logf("seed %d (replay with BALANCER_SEED=%d)", seed, seed)
 	start := time.Now()
-	st.run(t)
-	t.Logf("%d accepted, %d refused, outcomes: %v, in %v", st.accepted.Load(), st.refused.Load(), st.kinds, time.Since(start))
+	var made, accepted int64
+	outcomes := map[string]int{}
+	for r := int64(0); made < int64(requests); r++ {
+		st := newStress(seed+r, round)
+		st.run(t)
+		if t.Failed() {
+			t.Fatalf("round %d failed: replay with BALANCER_SEED=%d", r, seed)
+		}
+		made += st.accepted.Load() + st.refused.Load()
+		accepted += st.accepted.Load()
+		for k, n := range st.kinds {
+			outcomes[k] += n
+		}
+	}
+	t.Logf("%d requests made, %d accepted, outcomes %v, in %v", made, accepted, outcomes, time.Since(start))
 }
 
 const (
@@ -1007,4 +1021,149 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 	assert.Equal(t, failed, s.Failed, "failed")
 	assert.Equal(t, panics, s.Panics, "panics")
 	assert.Zero(t, s.Pending)
+}
+
+// Misuse that other pools hang or panic on.
+func TestMisuse(t *testing.T) {
+	t.Run("Close from inside a Func returns", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			closed := make(chan error, 1)
+			b = mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+				closed <- b.Close()
+				return i, nil
+			})
+			v, err := b.Do(context.Background(), 3)
+			assert.NoError(t, err)
+			assert.Equal(t, 3, v)
+			assert.NoError(t, <-closed)
+			require.NoError(t, b.Close(), "from outside it waits for the goroutines")
+			_, err = b.Do(context.Background(), 3)
+			assert.ErrorIs(t, err, ErrClosed)
+		})
+	})
+	t.Run("Shutdown from inside a Func returns", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			b = mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+				return i, b.Shutdown(context.Background())
+			})
+			_, err := b.Do(context.Background(), 1)
+			assert.NoError(t, err)
+			require.NoError(t, b.Close())
+		})
+	})
+	t.Run("Submit from inside a Func on a full balancer", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			b = mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+				if i > 0 {
+					return b.Do(ctx, i-1) // the only worker is this one: it waits for ctx
+				}
+				return 0, nil
+			}, WithQueueDepth(1))
+			defer b.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			start := time.Now()
+			_, err := b.Do(ctx, 1)
+			assert.ErrorIs(t, err, context.DeadlineExceeded)
+			assert.Equal(t, time.Second, time.Since(start))
+		})
+	})
+	t.Run("Close racing 10000 Submits", func(t *testing.T) {
+		b := mustNew(t, 4, square, WithQueueDepth(1))
+		var wg sync.WaitGroup
+		var outcomes, refused atomic.Int64
+		start := make(chan struct{})
+		for i := range 10_000 {
+			wg.Go(func() {
+				<-start
+				c, err := b.Submit(context.Background(), i)
+				if err != nil {
+					assert.ErrorIs(t, err, ErrClosed)
+					refused.Add(1)
+					return
+				}
+				r := <-c
+				assert.NoError(t, r.Err)
+				assert.Equal(t, i*i, r.Value)
+				outcomes.Add(1)
+			})
+		}
+		close(start)
+		require.NoError(t, b.Close())
+		wg.Wait()
+		assert.Equal(t, int64(10_000), outcomes.Load()+refused.Load())
+		assert.Equal(t, int64(b.Stats().Completed), outcomes.Load())
+	})
+	t.Run("2000 New and Close cycles leave no goroutine", func(t *testing.T) {
+		for range 2000 {
+			b := mustNew(t, 3, square)
+			_, err := b.Do(context.Background(), 2)
+			require.NoError(t, err)
+			require.NoError(t, b.Close())
+		}
+		goleak.VerifyNone(t)
+	})
+}
+
+// FuzzPool drives the heap the way the loop does, with random dispatches,
+// completions, additions and removals, and checks its invariants after
+// every step: heap order, each worker's index equal to its slot, pending
+// within [0, depth], and the root a least-loaded worker.
+func FuzzPool(f *testing.F) {
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 1, 2, 0, 0})
+	f.Add([]byte{2, 0, 2, 0, 0, 0, 3, 1, 0, 0, 1, 0, 3, 0})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		const depth = 3
+		var p pool[int, int]
+		nextID, seq := 0, int64(0)
+		add := func() {
+			heap.Push(&p, &worker[int, int]{id: nextID, last: minSeq + int64(nextID)})
+			nextID++
+		}
+		for range 4 {
+			add()
+		}
+		for i := 0; i+1 < len(ops); i += 2 {
+			arg := int(ops[i+1])
+			switch ops[i] % 4 {
+			case 0: // dispatch to the root, as the loop does when it has room
+				if len(p) == 0 || p[0].pending >= depth {
+					continue
+				}
+				w := p[0]
+				for _, v := range p {
+					require.GreaterOrEqual(t, v.pending, w.pending, "root is not least-loaded")
+				}
+				w.pending++
+				w.last = seq
+				seq++
+				heap.Fix(&p, 0)
+			case 1: // a worker with work completes one request
+				if len(p) == 0 {
+					continue
+				}
+				w := p[arg%len(p)]
+				if w.pending == 0 {
+					continue
+				}
+				w.pending--
+				heap.Fix(&p, w.index)
+			case 2:
+				add()
+			case 3:
+				if len(p) == 0 {
+					continue
+				}
+				w := heap.Remove(&p, arg%len(p)).(*worker[int, int])
+				require.Equal(t, -1, w.index)
+			}
+			checkHeap(t, p)
+			for _, w := range p {
+				require.True(t, w.pending >= 0 && w.pending <= depth, "pending %d", w.pending)
+			}
+		}
+	})
 }

@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"context"
+	"runtime"
 	"runtime/debug"
 	"sync/atomic"
 )
@@ -45,6 +46,10 @@ type worker[Req, Res any] struct {
 	index   int   // slot in the pool; -1 once removed from it
 	removed bool
 
+	// goroutine is the ID of the goroutine serving, so that Close can
+	// tell when a Func calls it. Written by that goroutine.
+	goroutine atomic.Int64
+
 	// Written by their single owner, read by Stats.
 	load      atomic.Int64  // pending, as last stored by the loop
 	gone      atomic.Bool   // stored by the loop on RemoveWorker
@@ -71,6 +76,7 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res]) *
 // b.wg.Add(1) for it.
 func (w *worker[Req, Res]) run() {
 	defer w.b.wg.Done()
+	w.goroutine.Store(goid())
 	for r := range w.reqs {
 		w.serve(r)
 	}
@@ -202,4 +208,31 @@ func (c counts) plus(d counts) counts {
 
 func (w *worker[Req, Res]) counts() counts {
 	return counts{w.completed.Load(), w.failed.Load(), w.panics.Load()}
+}
+
+// goid returns the ID of the calling goroutine, read from the header of its
+// stack trace ("goroutine 42 [running]:"). It costs a stack walk, so it is
+// called only when a worker goroutine starts and in Close.
+func goid() int64 {
+	var buf [64]byte
+	n := runtime.Stack(buf[:], false)
+	var id int64
+	for _, c := range buf[len("goroutine "):n] {
+		if c < '0' || c > '9' {
+			break
+		}
+		id = id*10 + int64(c-'0')
+	}
+	return id
+}
+
+// inFunc reports whether the caller is one of b's workers, running a Func.
+func (b *Balancer[Req, Res]) inFunc() bool {
+	id := goid()
+	for _, w := range b.roster.Load().workers {
+		if w.goroutine.Load() == id {
+			return true
+		}
+	}
+	return false
 }
