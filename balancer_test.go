@@ -629,8 +629,9 @@ func TestFanIn(t *testing.T) {
 		})
 	})
 	t.Run("nil ctx panics with a clear message", func(t *testing.T) {
+		var nilCtx context.Context
 		assert.PanicsWithValue(t, "balancer: FanIn called with a nil Context", func() {
-			FanIn[int](nil) //nolint:staticcheck // the nil ctx is the point
+			FanIn[int](nilCtx)
 		})
 	})
 }
@@ -805,6 +806,7 @@ var errStress = errors.New("stress: Func failed")
 type stress struct {
 	seed     int64
 	requests int
+	depth    int
 	ran      []atomic.Int32 // times the Func ran for request i
 	kindOf   []int
 	results  []<-chan Result[int, int] // nil if refused
@@ -841,7 +843,8 @@ func (st *stress) fn(ctx context.Context, i int) (int, error) {
 }
 
 func (st *stress) run(t *testing.T) {
-	b, err := New(8, st.fn, WithQueueDepth(1+int(st.seed%4)))
+	st.depth = 1 + int(uint64(st.seed)%4)
+	b, err := New(8, st.fn, WithQueueDepth(st.depth))
 	require.NoError(t, err)
 	var wg sync.WaitGroup
 	for g := range 64 {
@@ -917,6 +920,9 @@ func (st *stress) churn(t *testing.T, b *Balancer[int, int]) {
 	rng := rand.New(rand.NewPCG(uint64(st.seed), 1))
 	ids := []int{0, 1, 2, 3, 4, 5, 6, 7}
 	for st.next.Load() < int64(st.requests) {
+		for _, w := range b.Stats().Workers {
+			assert.LessOrEqual(t, w.Pending, st.depth, "worker %d over its queue depth", w.ID)
+		}
 		if len(ids) > 1 && rng.IntN(2) == 0 {
 			k := rng.IntN(len(ids))
 			ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rng.IntN(2000))*time.Microsecond)

@@ -1,0 +1,32 @@
+#!/usr/bin/env python3
+# Defect injection: applies each known defect to the source in turn, runs
+# the tests, reports which tests caught it and restores the file with git.
+# Run from the repository root with a clean tree: python3 .ci/mutants.py
+# (RUN=regexp limits the tests; naming defects limits the defects).
+import os, re, subprocess, sys
+muts = {
+ "depth ignored": ("balancer.go", "return len(b.pool) > 0 && b.pool[0].pending < b.depth", "return len(b.pool) > 0"),
+ "result channel unbuffered": ("balancer.go", "reply := make(chan Result[Req, Res], 1)\n\tif err := b.submit(", "reply := make(chan Result[Req, Res])\n\tif err := b.submit("),
+ "no recover": ("worker.go", "if v := recover(); v != nil {", "if v := any(nil); v != nil {"),
+ "Swap forgets index": ("pool.go", "\tp[i].index = i\n\tp[j].index = j\n", ""),
+ "Close drops queued": ("balancer.go", "\tcase c.op == opQuit:\n\t\tb.closing = true\n", "\tcase c.op == opQuit:\n\t\tb.closing = true\n\t\tfor _, w := range b.pool {\n\t\t\tfor len(w.reqs) > 0 {\n\t\t\t\t<-w.reqs\n\t\t\t\tw.pending--\n\t\t\t\tb.pending--\n\t\t\t}\n\t\t}\n"),
+ "loop exits without draining": ("balancer.go", "for !b.closing || b.pending > 0 {", "for !b.closing {"),
+ "recovered panic sends no outcome": ("worker.go", "\tw.finish(r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.events <- event[Req, Res]{done: w}\n\t\treturn\n\t}\n\tw.finish(r, res)\n}"),
+ "Goexit loses outcome and slot": ("worker.go", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n\t\tw.finish(r, *res)\n", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n"),
+}
+only = sys.argv[1:]
+for name, (f, old, new) in muts.items():
+    if only and name not in only: continue
+    src = open(f).read()
+    assert old in src, name
+    open(f, "w").write(src.replace(old, new, 1))
+    try:
+        run = ["-run", os.environ["RUN"]] if "RUN" in os.environ else []
+        out = subprocess.run(["go", "test", "-short", "-count=1", "-timeout", "120s", *run, "."],
+                             capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["git", "checkout", f])
+    failed = sorted(set(re.findall(r"--- FAIL: (\S+)", out)))
+    panics = re.findall(r"panic: (.*)", out)[:1]
+    timeout = "test timed out" in out
+    print(f"{name}: failed={failed} {'TIMEOUT ' if timeout else ''}{panics}")
