@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/leastload/balancer"
 )
@@ -18,15 +20,21 @@ type dispatcher interface {
 	Close() error
 }
 
-// newDispatcher builds the named dispatcher with workers workers running fn.
-// depth is the per-worker queue capacity where the dispatcher has one.
-func newDispatcher(b *testing.B, name string, workers, depth int, fn balancer.Func[int, int]) dispatcher {
+// newDispatcher builds the named dispatcher with workers workers, worker i
+// running fn(i). depth is the per-worker queue capacity where the
+// dispatcher has one.
+func newDispatcher(b *testing.B, name string, workers, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
 	b.Helper()
 	switch name {
 	case "balancer":
-		d, err := balancer.New(workers, fn, balancer.WithQueueDepth(depth))
+		d, err := balancer.New(0, fn(0), balancer.WithQueueDepth(depth))
 		if err != nil {
 			b.Fatal(err)
+		}
+		for i := range workers {
+			if _, err := d.AddWorker(fn(i)); err != nil {
+				b.Fatal(err)
+			}
 		}
 		return d
 	case "shared":
@@ -64,12 +72,13 @@ type sharedPool struct {
 	wg   sync.WaitGroup
 }
 
-func newSharedPool(workers int, fn balancer.Func[int, int]) *sharedPool {
+func newSharedPool(workers int, fn func(i int) balancer.Func[int, int]) *sharedPool {
 	p := &sharedPool{jobs: make(chan job)}
-	for range workers {
+	for i := range workers {
+		f := fn(i)
 		p.wg.Go(func() {
 			for j := range p.jobs {
-				v, err := fn(j.ctx, j.req)
+				v, err := f(j.ctx, j.req)
 				j.reply <- jobResult{v, err}
 			}
 		})
@@ -100,14 +109,15 @@ type queuePool struct {
 	wg     sync.WaitGroup
 }
 
-func newQueuePool(workers, depth int, fn balancer.Func[int, int], pick func(*queuePool) int) *queuePool {
+func newQueuePool(workers, depth int, fn func(i int) balancer.Func[int, int], pick func(*queuePool) int) *queuePool {
 	p := &queuePool{queues: make([]chan job, workers), pick: pick}
 	for i := range p.queues {
 		q := make(chan job, depth)
 		p.queues[i] = q
+		f := fn(i)
 		p.wg.Go(func() {
 			for j := range q {
-				v, err := fn(j.ctx, j.req)
+				v, err := f(j.ctx, j.req)
 				j.reply <- jobResult{v, err}
 			}
 		})
@@ -133,6 +143,8 @@ func (p *queuePool) Close() error {
 
 func trivial(ctx context.Context, x int) (int, error) { return x + 1, nil }
 
+func allTrivial(int) balancer.Func[int, int] { return trivial }
+
 // BenchmarkDo measures the cost of one request with a trivial Func: the
 // dispatch overhead. callers goroutines share b.N requests.
 func BenchmarkDo(b *testing.B) {
@@ -144,7 +156,7 @@ func BenchmarkDo(b *testing.B) {
 						continue // it has no per-worker queue
 					}
 					b.Run(fmt.Sprintf("%s/workers=%d/depth=%d/callers=%d", name, workers, depth, callers), func(b *testing.B) {
-						d := newDispatcher(b, name, workers, depth, trivial)
+						d := newDispatcher(b, name, workers, depth, allTrivial)
 						defer d.Close()
 						benchCallers(b, d, callers)
 					})
@@ -196,4 +208,90 @@ func BenchmarkSubmit(b *testing.B) {
 			<-c
 		}
 	})
+}
+
+// BenchmarkBalance measures balance quality: the latency that callers see
+// when requests arrive on their own schedule (open loop, Poisson arrivals)
+// at 70 % and 90 % of the workers' capacity. Service times are whole
+// milliseconds (time.Sleep is about that coarse here), geometric with mean
+// 2 ms; in the "slow" case workers 6 and 7 are 4x slower. One op is one
+// experiment of balanceRequests requests; latency is from the scheduled
+// arrival to the result, reported as p50, p99 and p99.9 in ms. Run with
+// -benchtime=1x.
+func BenchmarkBalance(b *testing.B) {
+	dispatchers := []struct {
+		name  string
+		depth int
+	}{{"balancer", 1}, {"balancer", balancer.DefaultQueueDepth}, {"shared", 1}, {"roundrobin", 1}, {"random", 1}}
+	for _, workers := range []string{"even", "slow"} {
+		for _, load := range []float64{0.7, 0.9} {
+			for _, d := range dispatchers {
+				b.Run(fmt.Sprintf("workers=%s/load=%.1f/%s/depth=%d", workers, load, d.name, d.depth), func(b *testing.B) {
+					var lat []time.Duration
+					for range b.N {
+						lat = append(lat, openLoop(b, d.name, d.depth, workers == "slow", load)...)
+					}
+					slices.Sort(lat)
+					for _, q := range []struct {
+						unit string
+						p    float64
+					}{{"p50-ms", 0.5}, {"p99-ms", 0.99}, {"p99.9-ms", 0.999}} {
+						b.ReportMetric(float64(lat[int(q.p*float64(len(lat)-1))])/1e6, q.unit)
+					}
+				})
+			}
+		}
+	}
+}
+
+const (
+	balanceWorkers  = 8
+	balanceRequests = 2000
+	meanService     = 2 * time.Millisecond
+)
+
+// openLoop runs one open-loop experiment and returns each request's latency.
+func openLoop(b *testing.B, name string, depth int, slow bool, load float64) []time.Duration {
+	slowdown := func(i int) int {
+		if slow && i >= balanceWorkers-2 {
+			return 4
+		}
+		return 1
+	}
+	sleeper := func(i int) balancer.Func[int, int] {
+		return func(ctx context.Context, ms int) (int, error) {
+			time.Sleep(time.Duration(ms*slowdown(i)) * time.Millisecond)
+			return ms, nil
+		}
+	}
+	var capacity float64 // requests per second
+	for i := range balanceWorkers {
+		capacity += 1 / (meanService.Seconds() * float64(slowdown(i)))
+	}
+	rate := load * capacity
+
+	d := newDispatcher(b, name, balanceWorkers, depth, sleeper)
+	defer d.Close()
+	rng := rand.New(rand.NewPCG(1, 2)) // the same arrivals and service times for every dispatcher
+	lat := make([]time.Duration, balanceRequests)
+	var wg sync.WaitGroup
+	start := time.Now()
+	var at float64 // seconds after start
+	for i := range lat {
+		at += rng.ExpFloat64() / rate
+		ms := 1
+		for rng.IntN(2) == 0 { // geometric, p = 1/2: mean 2
+			ms++
+		}
+		due := start.Add(time.Duration(at * float64(time.Second)))
+		time.Sleep(time.Until(due))
+		wg.Go(func() {
+			if _, err := d.Do(context.Background(), ms); err != nil {
+				b.Error(err)
+			}
+			lat[i] = time.Since(due)
+		})
+	}
+	wg.Wait()
+	return lat
 }
