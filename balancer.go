@@ -118,10 +118,11 @@ func WithQueueDepth(n int) Option {
 // and, through Do with a context that is never done, no allocation.
 type Balancer[Req, Res any] struct {
 	depth    int
-	requests chan request[Req, Res] // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
-	events   chan event[Req, Res]   // completions and commands; buffered so a worker rarely waits to report
-	quit     chan struct{}          // closed once, by the first Close or Shutdown
-	exited   chan struct{}          // closed by the loop as it returns
+	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
+	done     chan *worker[Req, Res]  // completions, buffered: see the loop for why a send never waits long
+	cmds     chan *command[Req, Res] // unbuffered: the loop always receives commands until it exits
+	quit     chan struct{}           // closed once, by the first Close or Shutdown
+	exited   chan struct{}           // closed by the loop as it returns
 	quitOnce sync.Once
 	abortCtx context.Context // cancelled when a Shutdown's ctx ends first
 	abort    context.CancelFunc
@@ -131,30 +132,24 @@ type Balancer[Req, Res any] struct {
 	roster   atomic.Pointer[roster[Req, Res]]
 
 	// Owned by the select loop once it starts; New sets them up before.
-	pool    pool[Req, Res]
-	workers map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
-	nextID  int
-	closing bool  // Close or Shutdown began
-	seq     int64 // dispatch sequence number
-	pending int   // over all workers
+	pool     pool[Req, Res]
+	workers  map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
+	nextID   int
+	closing  bool  // Close or Shutdown began
+	seq      int64 // dispatch sequence number
+	pending  int   // over all workers, as of the completions taken
+	draining int   // removed workers not yet retired
 }
 
 // minSeq is below every dispatch sequence number: a worker that was never
 // dispatched to sorts before all that were.
 const minSeq = math.MinInt64
 
-// eventBuffer is the capacity of the events channel. Completions are the
-// bulk of the events; with this much room workers seldom park to report one,
-// and the loop takes them in batches. The loop always receives events, so a
-// full buffer only delays a worker, it cannot deadlock it.
-const eventBuffer = 1024
-
-// event is what the loop receives besides requests: worker done finished a
-// request, or (done == nil) a command.
-type event[Req, Res any] struct {
-	done *worker[Req, Res]
-	cmd  *command[Req, Res]
-}
+// doneBuffer is the capacity of the done channel. The loop lets
+// completions wait in it while it waits for requests, and takes them all
+// before each dispatch, so that a completion does not cost the loop a
+// wake-up of its own.
+const doneBuffer = 1024
 
 // command asks the loop to do something only the owner of the pool can.
 type command[Req, Res any] struct {
@@ -208,7 +203,8 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	b := &Balancer[Req, Res]{
 		depth:    o.depth,
 		requests: make(chan request[Req, Res]),
-		events:   make(chan event[Req, Res], eventBuffer),
+		done:     make(chan *worker[Req, Res], doneBuffer),
+		cmds:     make(chan *command[Req, Res]),
 		quit:     make(chan struct{}),
 		exited:   make(chan struct{}),
 		workers:  make(map[int]*worker[Req, Res]),
@@ -379,9 +375,10 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 	select {
 	case <-b.quit:
 		return ErrClosed
-	case <-ctx.Done():
-		return ctx.Err()
 	default:
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	// If the loop is parked waiting for requests, hand r over without the
 	// cost of a select.
@@ -409,24 +406,16 @@ func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error)
 	if c.op == opQuit || c.op == opAbort {
 		refuse = b.exited
 	}
+	// The loop receives commands on cmds, and also on requests when that
+	// is all it waits for.
 	select {
-	case b.events <- event[Req, Res]{cmd: c}:
+	case b.cmds <- c:
+	case b.requests <- request[Req, Res]{cmd: c}:
 	case <-refuse:
 		return commandReply{}, ErrClosed
 	}
-	select {
-	case rep := <-c.reply:
-		return rep, rep.err
-	case <-b.exited:
-		// The loop ended with c unread in the buffer, or answered just
-		// before it ended.
-		select {
-		case rep := <-c.reply:
-			return rep, rep.err
-		default:
-			return commandReply{}, ErrClosed
-		}
-	}
+	rep := <-c.reply // the loop took c, so it answers
+	return rep, rep.err
 }
 
 // runContext returns the context a Func runs under: the request's, also
@@ -443,22 +432,41 @@ func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, c
 }
 
 // loop is the select loop. It owns the pool and runs until Close or
-// Shutdown has begun and nothing is pending. It blocks only in its select,
-// which always includes done, so a worker's report is taken promptly.
+// Shutdown has begun and nothing is pending, blocking only in its select.
+//
+// Completions need not wake it: while a worker has room it waits for
+// requests and commands only, and takes every completion waiting in done
+// before each dispatch, so each dispatch still sees current loads. It also
+// waits for completions when it needs them: when every worker is full,
+// while closing, while a removed worker drains, and when more requests are
+// pending than done can buffer. That last rule bounds the completions
+// waiting in done by its capacity, so a worker never waits for room in it
+// for longer than the loop takes to get back to its select.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	for !b.closing || b.pending > 0 {
-		// Take requests only while the least-loaded worker has room: this
-		// is what keeps every send to a worker from blocking.
+		var requests chan request[Req, Res]
 		if !b.closing && b.hasRoom() {
-			select {
-			case r := <-b.requests:
-				b.dispatch(r)
-			case ev := <-b.events:
-				b.handle(ev)
-			}
+			requests = b.requests
+		}
+		var done chan *worker[Req, Res]
+		if requests == nil || b.draining > 0 || b.pending >= cap(b.done) {
+			done = b.done
+		}
+		if done == nil {
+			// Commands come through requests too (see command), so a
+			// plain receive, much cheaper than a select, is enough.
+			b.take(<-requests)
 		} else {
-			b.handle(<-b.events)
+			select {
+			case r := <-requests:
+				b.take(r)
+			case w := <-done:
+				b.complete(w)
+			case c := <-b.cmds:
+				b.takeCompletions()
+				c.reply <- b.apply(c)
+			}
 		}
 		b.drain()
 	}
@@ -467,28 +475,43 @@ func (b *Balancer[Req, Res]) loop() {
 	}
 }
 
-// drainBatch bounds the work drain does between two full selects, so that
-// a steady stream of requests cannot keep the loop from seeing Close or a
-// command.
+// drainBatch bounds the requests drain takes between two selects, so that a
+// steady stream of them cannot keep the loop from a command.
 const drainBatch = 128
 
-// drain takes completions and requests that are already waiting, with
-// single-channel polls that cost much less than the full select. Completions
-// go first so that each dispatch sees the freshest loads.
+// drain dispatches requests that are already waiting, while there is room,
+// with single-channel polls that cost much less than the select.
 func (b *Balancer[Req, Res]) drain() {
 	for range drainBatch {
-		select {
-		case ev := <-b.events:
-			b.handle(ev)
-			continue
-		default:
-		}
+		b.takeCompletions()
 		if b.closing || !b.hasRoom() {
 			return
 		}
 		select {
 		case r := <-b.requests:
-			b.dispatch(r)
+			b.take(r)
+		default:
+			return
+		}
+	}
+}
+
+// take dispatches a request, or carries out a command that came as one.
+func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
+	b.takeCompletions()
+	if r.cmd != nil {
+		r.cmd.reply <- b.apply(r.cmd)
+		return
+	}
+	b.dispatch(r)
+}
+
+// takeCompletions records every completion waiting in done.
+func (b *Balancer[Req, Res]) takeCompletions() {
+	for {
+		select {
+		case w := <-b.done:
+			b.complete(w)
 		default:
 			return
 		}
@@ -510,7 +533,7 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	b.pending++
 	// Counted before the send, so Stats never sees a request complete
 	// before it was accepted.
-	w.load.Store(int64(w.pending))
+	w.assigned.Add(1)
 	b.accepted.Add(1)
 	w.reqs <- r // cannot block: pending was below depth = cap(w.reqs)
 }
@@ -519,22 +542,12 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
 	w.pending--
 	b.pending--
-	w.load.Store(int64(w.pending))
 	switch {
 	case !w.removed:
 		heap.Fix(&b.pool, w.index)
 	case w.pending == 0:
 		b.retire(w)
 	}
-}
-
-// handle takes one event.
-func (b *Balancer[Req, Res]) handle(ev event[Req, Res]) {
-	if ev.cmd == nil {
-		b.complete(ev.done)
-		return
-	}
-	ev.cmd.reply <- b.apply(ev.cmd)
 }
 
 // apply carries out a command.
@@ -565,6 +578,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	w.removed = true
 	w.gone.Store(true)
 	close(w.reqs) // the loop is its only sender and will not send again; queued requests still drain
+	b.draining++
 	if w.pending == 0 {
 		b.retire(w)
 	}
@@ -590,6 +604,7 @@ func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res]) int {
 // never counts them twice or not at all.
 func (b *Balancer[Req, Res]) retire(w *worker[Req, Res]) {
 	delete(b.workers, w.id)
+	b.draining--
 	close(w.retired)
 	r := b.roster.Load()
 	next := &roster[Req, Res]{retired: r.retired.plus(w.counts())}
@@ -619,7 +634,7 @@ func (b *Balancer[Req, Res]) dropQueued() {
 				dropped.failed++
 				w.pending--
 				b.pending--
-				w.load.Store(int64(w.pending))
+				w.assigned.Add(-1) // it will never complete at the worker
 			default:
 			}
 		}

@@ -13,6 +13,7 @@ type request[Req, Res any] struct {
 	req   Req
 	reply chan<- Result[Req, Res] // capacity 1 and sent to once, so the send never blocks
 	keep  bool                    // reply is Do's pooled channel: leave it open for reuse
+	cmd   *command[Req, Res]      // not a request but a command for the loop (see Balancer.command)
 }
 
 // deliver sends r's one outcome. Whoever ends a request (its worker, or the
@@ -51,7 +52,7 @@ type worker[Req, Res any] struct {
 	goroutine atomic.Int64
 
 	// Written by their single owner, read by Stats.
-	load      atomic.Int64  // pending, as last stored by the loop
+	assigned  atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
 	gone      atomic.Bool   // stored by the loop on RemoveWorker
 	completed atomic.Uint64 // outcomes this worker delivered; the worker writes the rest
 	failed    atomic.Uint64
@@ -131,10 +132,11 @@ func (w *worker[Req, Res]) finish(r request[Req, Res], res Result[Req, Res]) {
 		w.failed.Add(1)
 	}
 	w.completed.Add(1)
+	// The slot is reported before the result is delivered, so a caller
+	// who has its result and submits again finds the slot free. The loop
+	// keeps room for this send (see loop).
+	w.b.done <- w
 	r.deliver(res)
-	// The loop exits only when nothing is pending, and until then it always
-	// receives events, so this send cannot block for long.
-	w.b.events <- event[Req, Res]{done: w}
 }
 
 // Stats is a snapshot of a Balancer's load and history. Each figure is read
@@ -178,8 +180,10 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 		Panics:    r.retired.panics,
 	}
 	for i, w := range r.workers {
+		pending, completed := w.load()
 		c := w.counts()
-		ws := WorkerStats{ID: w.id, Pending: int(w.load.Load()), Completed: c.completed, Failed: c.failed, Panics: c.panics, Removed: w.gone.Load()}
+		c.completed = completed
+		ws := WorkerStats{ID: w.id, Pending: pending, Completed: c.completed, Failed: c.failed, Panics: c.panics, Removed: w.gone.Load()}
 		s.Workers[i] = ws
 		s.Pending += ws.Pending
 		s.Completed += c.completed
@@ -204,6 +208,18 @@ type counts struct{ completed, failed, panics uint64 }
 
 func (c counts) plus(d counts) counts {
 	return counts{c.completed + d.completed, c.failed + d.failed, c.panics + d.panics}
+}
+
+// load returns the worker's pending and completed requests at one instant:
+// completed did not change while assigned was read.
+func (w *worker[Req, Res]) load() (pending int, completed uint64) {
+	for {
+		c := w.completed.Load()
+		a := w.assigned.Load()
+		if w.completed.Load() == c {
+			return int(a - int64(c)), c
+		}
+	}
 }
 
 func (w *worker[Req, Res]) counts() counts {
