@@ -84,7 +84,8 @@ const (
 type Option func(*options)
 
 type options struct {
-	depth int
+	depth    int
+	estimate bool
 }
 
 // WithQueueDepth sets how many requests may be pending (queued or running)
@@ -95,6 +96,41 @@ type options struct {
 // [1, MaxQueueDepth] with ErrInvalidArgument.
 func WithQueueDepth(n int) Option {
 	return func(o *options) { o.depth = n }
+}
+
+// WithLoadEstimate makes the balancer weigh each worker's pending requests
+// by its observed service time: a request goes to the worker where it is
+// expected to finish first, (pending+1) × mean service time, instead of the
+// one with the fewest pending. Use it when workers differ in speed and the
+// differences are not known in advance (remote backends, shared GPUs).
+//
+// The mean is a moving average over the worker's recent requests, each
+// moving it a fifth of the way to the new time; a time more than four times
+// the average counts as four times, so one stall does not exile a worker.
+// A worker with no observation yet counts as fastest, so new workers are
+// tried at once; a worker that looks slow gets requests again as soon as
+// the others have enough queued, or are full, and each one it serves
+// corrects its average. Worker weights (WithWeight) are not used in this
+// mode.
+func WithLoadEstimate() Option {
+	return func(o *options) { o.estimate = true }
+}
+
+// A WorkerOption configures a worker added with AddWorker.
+type WorkerOption func(*workerOptions)
+
+type workerOptions struct {
+	weight float64
+}
+
+// WithWeight gives a worker a capacity relative to the others (default 1):
+// a worker of weight 2 is taken to serve twice as fast, so it is given
+// requests until it has twice the pending requests of a weight-1 worker.
+// Use it when the capacities are known (a backend with twice the cores).
+// AddWorker rejects a weight that is not positive and finite with
+// ErrInvalidArgument. Ignored with WithLoadEstimate, which measures instead.
+func WithWeight(w float64) WorkerOption {
+	return func(o *workerOptions) { o.weight = w }
 }
 
 // A Balancer sends each request to the worker with the fewest pending
@@ -118,6 +154,7 @@ func WithQueueDepth(n int) Option {
 // and, through Do with a context that is never done, no allocation.
 type Balancer[Req, Res any] struct {
 	depth    int
+	estimate bool                    // WithLoadEstimate
 	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
 	done     chan *worker[Req, Res]  // completions, buffered: see the loop for why a send never waits long
 	cmds     chan *command[Req, Res] // unbuffered: the loop always receives commands until it exits
@@ -129,6 +166,7 @@ type Balancer[Req, Res any] struct {
 	wg       sync.WaitGroup // the worker goroutines
 	replies  sync.Pool      // chan Result[Req, Res] of capacity 1, for Do
 	accepted atomic.Uint64  // written by the loop
+	waiting  atomic.Int64   // callers blocked in submit; each adds and removes itself
 	roster   atomic.Pointer[roster[Req, Res]]
 
 	// Owned by the select loop once it starts; New sets them up before.
@@ -153,11 +191,12 @@ const doneBuffer = 1024
 
 // command asks the loop to do something only the owner of the pool can.
 type command[Req, Res any] struct {
-	op    op
-	fn    Func[Req, Res]    // opAdd
-	id    int               // opRemove
-	req   request[Req, Res] // opTry
-	reply chan commandReply // capacity 1: the loop never blocks answering
+	op     op
+	fn     Func[Req, Res]    // opAdd
+	weight float64           // opAdd
+	id     int               // opRemove
+	req    request[Req, Res] // opTry
+	reply  chan commandReply // capacity 1: the loop never blocks answering
 }
 
 type op int
@@ -202,6 +241,7 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	}
 	b := &Balancer[Req, Res]{
 		depth:    o.depth,
+		estimate: o.estimate,
 		requests: make(chan request[Req, Res]),
 		done:     make(chan *worker[Req, Res], doneBuffer),
 		cmds:     make(chan *command[Req, Res]),
@@ -213,7 +253,7 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	b.replies.New = func() any { return make(chan Result[Req, Res], 1) }
 	b.roster.Store(&roster[Req, Res]{})
 	for range workers {
-		b.addWorker(fn)
+		b.addWorker(fn, 1)
 	}
 	go b.loop()
 	return b, nil
@@ -282,12 +322,21 @@ func (b *Balancer[Req, Res]) TrySubmit(req Req) (<-chan Result[Req, Res], bool) 
 // AddWorker starts a worker running fn and returns its ID, which no other
 // worker has had or will have. The new worker has nothing pending, so it is
 // next in line for work. AddWorker returns ErrInvalidArgument for a nil fn
-// and ErrClosed after Close or Shutdown began.
-func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res]) (id int, err error) {
+// or a bad option, and ErrClosed after Close or Shutdown began.
+func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res], opts ...WorkerOption) (id int, err error) {
 	if fn == nil {
 		return 0, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
 	}
-	rep, err := b.command(&command[Req, Res]{op: opAdd, fn: fn})
+	o := workerOptions{weight: 1}
+	for _, opt := range opts {
+		if opt != nil {
+			opt(&o)
+		}
+	}
+	if !(o.weight > 0 && o.weight <= math.MaxFloat64) {
+		return 0, fmt.Errorf("%w: weight %v, want positive and finite", ErrInvalidArgument, o.weight)
+	}
+	rep, err := b.command(&command[Req, Res]{op: opAdd, fn: fn, weight: o.weight})
 	return rep.id, err
 }
 
@@ -387,6 +436,8 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 		return nil
 	default:
 	}
+	b.waiting.Add(1)
+	defer b.waiting.Add(-1)
 	select {
 	case b.requests <- r:
 		return nil
@@ -470,8 +521,8 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.drain()
 	}
-	for _, w := range b.pool {
-		close(w.reqs)
+	for _, s := range b.pool {
+		close(s.w.reqs)
 	}
 }
 
@@ -520,16 +571,16 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 
 // hasRoom reports whether the least-loaded worker can take a request.
 func (b *Balancer[Req, Res]) hasRoom() bool {
-	return len(b.pool) > 0 && b.pool[0].pending < b.depth
+	return len(b.pool) > 0 && b.pool[0].w.pending < b.depth
 }
 
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
-	w := b.pool[0]
+	w := b.pool[0].w
 	w.pending++
-	w.last = b.seq
+	b.pool[0].last = b.seq
 	b.seq++
-	heap.Fix(&b.pool, 0)
+	b.pool.touch(w)
 	b.pending++
 	// Counted before the send, so Stats never sees a request complete
 	// before it was accepted.
@@ -544,7 +595,7 @@ func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
 	b.pending--
 	switch {
 	case !w.removed:
-		heap.Fix(&b.pool, w.index)
+		b.pool.touch(w)
 	case w.pending == 0:
 		b.retire(w)
 	}
@@ -562,7 +613,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	case b.closing:
 		return commandReply{err: ErrClosed}
 	case c.op == opAdd:
-		return commandReply{id: b.addWorker(c.fn)}
+		return commandReply{id: b.addWorker(c.fn, c.weight)}
 	case c.op == opTry:
 		ok := b.hasRoom()
 		if ok {
@@ -587,11 +638,12 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 
 // addWorker creates and starts a worker. New calls it before the loop
 // starts; after that only the loop does.
-func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res]) int {
-	w := newWorker(b, b.nextID, fn)
+func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], weight float64) int {
+	w := newWorker(b, b.nextID, fn, weight)
 	b.nextID++
 	b.workers[w.id] = w
-	heap.Push(&b.pool, w)
+	// Never dispatched to: it has waited longest of all, ties by ID.
+	heap.Push(&b.pool, slot[Req, Res]{cost: w.cost(), last: minSeq + int64(w.id), w: w})
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: append(r.workers[:len(r.workers):len(r.workers)], w), retired: r.retired})
 	b.wg.Add(1)
@@ -641,6 +693,9 @@ func (b *Balancer[Req, Res]) dropQueued() {
 		if w.removed && w.pending == 0 {
 			b.retire(w)
 		}
+	}
+	for i := range b.pool {
+		b.pool[i].cost = b.pool[i].w.cost()
 	}
 	heap.Init(&b.pool)
 	r := b.roster.Load()

@@ -719,40 +719,138 @@ func TestStatsIsConsistentUnderLoad(t *testing.T) {
 // The heap's invariant, from the inside.
 func checkHeap(t *testing.T, p pool[int, int]) {
 	t.Helper()
-	for i, w := range p {
-		require.Equal(t, i, w.index, "worker %d's index", w.id)
+	for i, s := range p {
+		require.Equal(t, i, s.w.index, "worker %d's index", s.w.id)
+		require.Equal(t, s.w.cost(), s.cost, "worker %d's cost", s.w.id)
 		if i > 0 {
 			require.False(t, p.Less(i, (i-1)/2), "slot %d sorts before its parent", i)
 		}
 	}
 }
 
+// heapHarness runs the pool the way the loop does, without goroutines.
+type heapHarness struct {
+	b    *Balancer[int, int]
+	p    pool[int, int]
+	next int
+	seq  int64
+}
+
+func newHeapHarness(depth int, estimate bool) *heapHarness {
+	return &heapHarness{b: &Balancer[int, int]{depth: depth, estimate: estimate}}
+}
+
+func (h *heapHarness) add(weight float64) *worker[int, int] {
+	w := newWorker(h.b, h.next, square, weight)
+	heap.Push(&h.p, slot[int, int]{cost: w.cost(), last: minSeq + int64(w.id), w: w})
+	h.next++
+	return w
+}
+
+// dispatch gives one request to the root, as the loop does when it has room.
+func (h *heapHarness) dispatch(t *testing.T) bool {
+	if len(h.p) == 0 || h.p[0].w.pending >= h.b.depth {
+		return false
+	}
+	root := h.p[0]
+	for _, s := range h.p {
+		require.GreaterOrEqual(t, s.cost, root.cost, "the root is not the cheapest")
+	}
+	root.w.pending++
+	h.p[0].last = h.seq
+	h.seq++
+	h.p.touch(root.w)
+	return true
+}
+
+func (h *heapHarness) complete(w *worker[int, int], service time.Duration) {
+	w.pending--
+	if h.b.estimate {
+		w.observe(service)
+	}
+	h.p.touch(w)
+}
+
 func TestPoolKeepsHeapInvariant(t *testing.T) {
-	var p pool[int, int]
+	h := newHeapHarness(4, false)
 	for i := range 16 {
-		heap.Push(&p, &worker[int, int]{id: i, last: minSeq + int64(i)})
-		checkHeap(t, p)
+		h.add(float64(1 + i%3))
+		checkHeap(t, h.p)
 	}
-	seq := int64(0)
 	for step := range 1000 {
-		w := p[0]
 		if step%3 == 2 { // complete on some worker with work
-			w = p[(step*7)%len(p)]
-			if w.pending == 0 {
-				continue
+			if w := h.p[(step*7)%len(h.p)].w; w.pending > 0 {
+				h.complete(w, 0)
 			}
-			w.pending--
 		} else {
-			w.pending++
-			w.last = seq
-			seq++
+			h.dispatch(t)
 		}
-		heap.Fix(&p, w.index)
-		checkHeap(t, p)
+		checkHeap(t, h.p)
 	}
-	w := heap.Remove(&p, 5).(*worker[int, int])
+	w := heap.Remove(&h.p, 5).(*worker[int, int])
 	assert.Equal(t, -1, w.index)
-	checkHeap(t, p)
+	checkHeap(t, h.p)
+}
+
+func TestEqualWorkersTakeTurns(t *testing.T) {
+	h := newHeapHarness(2, false)
+	for range 4 {
+		h.add(1)
+	}
+	var got []int
+	for range 8 {
+		w := h.p[0].w
+		got = append(got, w.id)
+		require.True(t, h.dispatch(t))
+		h.complete(w, 0)
+	}
+	assert.Equal(t, []int{0, 1, 2, 3, 0, 1, 2, 3}, got)
+}
+
+func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
+	t.Run("weight 2 takes twice the pending", func(t *testing.T) {
+		h := newHeapHarness(16, false)
+		light, heavy := h.add(1), h.add(2)
+		for range 9 {
+			require.True(t, h.dispatch(t))
+		}
+		assert.Equal(t, 3, light.pending)
+		assert.Equal(t, 6, heavy.pending)
+	})
+	t.Run("slow worker gets less and recovers", func(t *testing.T) {
+		h := newHeapHarness(16, true)
+		fast, slow := h.add(1), h.add(1)
+		fast.observe(time.Millisecond)
+		slow.observe(4 * time.Millisecond)
+		h.p.touch(fast)
+		h.p.touch(slow)
+		for range 5 {
+			require.True(t, h.dispatch(t))
+		}
+		assert.Equal(t, 4, fast.pending, "(4+1)×1 ms beats (0+1)×4 ms until the fifth")
+		assert.Equal(t, 1, slow.pending)
+		for range 20 { // slow serves fast now
+			slow.observe(time.Millisecond)
+		}
+		h.p.touch(slow)
+		assert.Less(t, slow.service.Load(), int64(1100*time.Microsecond), "its average recovered")
+	})
+	t.Run("a new worker is tried first", func(t *testing.T) {
+		h := newHeapHarness(4, true)
+		old := h.add(1)
+		old.observe(time.Millisecond)
+		h.p.touch(old)
+		fresh := h.add(1)
+		require.True(t, h.dispatch(t))
+		assert.Equal(t, 1, fresh.pending)
+	})
+	t.Run("one outlier counts four times the average at most", func(t *testing.T) {
+		h := newHeapHarness(4, true)
+		w := h.add(1)
+		w.observe(time.Millisecond)
+		w.observe(time.Second)
+		assert.Equal(t, int64(time.Millisecond+(4*time.Millisecond-time.Millisecond)/5), w.service.Load())
+	})
 }
 
 // The stress test: many submitters, every kind of outcome, cancellations at
@@ -1115,60 +1213,42 @@ func TestMisuse(t *testing.T) {
 }
 
 // FuzzPool drives the heap the way the loop does, with random dispatches,
-// completions, additions and removals, and checks its invariants after
-// every step: heap order, each worker's index equal to its slot, pending
-// within [0, depth], and the root a least-loaded worker.
+// completions, additions and removals, with and without load estimates,
+// and checks its invariants after every step: heap order, each worker's
+// index equal to its slot, each slot's cost current, pending within
+// [0, depth], and the root the cheapest worker.
 func FuzzPool(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 0, 0, 0, 1, 2, 0, 0})
 	f.Add([]byte{2, 0, 2, 0, 0, 0, 3, 1, 0, 0, 1, 0, 3, 0})
 	f.Fuzz(func(t *testing.T, ops []byte) {
-		const depth = 3
-		var p pool[int, int]
-		nextID, seq := 0, int64(0)
-		add := func() {
-			heap.Push(&p, &worker[int, int]{id: nextID, last: minSeq + int64(nextID)})
-			nextID++
-		}
+		h := newHeapHarness(3, len(ops)%2 == 1)
 		for range 4 {
-			add()
+			h.add(1)
 		}
 		for i := 0; i+1 < len(ops); i += 2 {
 			arg := int(ops[i+1])
 			switch ops[i] % 4 {
-			case 0: // dispatch to the root, as the loop does when it has room
-				if len(p) == 0 || p[0].pending >= depth {
-					continue
-				}
-				w := p[0]
-				for _, v := range p {
-					require.GreaterOrEqual(t, v.pending, w.pending, "root is not least-loaded")
-				}
-				w.pending++
-				w.last = seq
-				seq++
-				heap.Fix(&p, 0)
+			case 0:
+				h.dispatch(t)
 			case 1: // a worker with work completes one request
-				if len(p) == 0 {
+				if len(h.p) == 0 {
 					continue
 				}
-				w := p[arg%len(p)]
-				if w.pending == 0 {
-					continue
+				if w := h.p[arg%len(h.p)].w; w.pending > 0 {
+					h.complete(w, time.Duration(arg+1)*time.Microsecond)
 				}
-				w.pending--
-				heap.Fix(&p, w.index)
 			case 2:
-				add()
+				h.add(float64(1 + arg%4))
 			case 3:
-				if len(p) == 0 {
+				if len(h.p) == 0 {
 					continue
 				}
-				w := heap.Remove(&p, arg%len(p)).(*worker[int, int])
+				w := heap.Remove(&h.p, arg%len(h.p)).(*worker[int, int])
 				require.Equal(t, -1, w.index)
 			}
-			checkHeap(t, p)
-			for _, w := range p {
-				require.True(t, w.pending >= 0 && w.pending <= depth, "pending %d", w.pending)
+			checkHeap(t, h.p)
+			for _, s := range h.p {
+				require.True(t, s.w.pending >= 0 && s.w.pending <= h.b.depth, "pending %d", s.w.pending)
 			}
 		}
 	})

@@ -5,6 +5,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"sync/atomic"
+	"time"
 )
 
 // request is one accepted call on its way to, or waiting at, a worker.
@@ -14,6 +15,21 @@ type request[Req, Res any] struct {
 	reply chan<- Result[Req, Res] // capacity 1 and sent to once, so the send never blocks
 	keep  bool                    // reply is Do's pooled channel: leave it open for reuse
 	cmd   *command[Req, Res]      // not a request but a command for the loop (see Balancer.command)
+}
+
+// observe folds one run time of the Func into w's moving average: a fifth
+// of the way from the old average to d, with d capped at four times the
+// old average so that one stall moves it little. Only w's goroutine calls
+// it.
+func (w *worker[Req, Res]) observe(d time.Duration) {
+	d = max(d, 1) // zero means "no observation"
+	old := w.service.Load()
+	if old == 0 {
+		w.service.Store(int64(d))
+		return
+	}
+	d = min(d, 4*time.Duration(old))
+	w.service.Store(old + (int64(d)-old)/5)
 }
 
 // deliver sends r's one outcome. Whoever ends a request (its worker, or the
@@ -30,6 +46,8 @@ type worker[Req, Res any] struct {
 	b  *Balancer[Req, Res]
 	id int
 	fn Func[Req, Res]
+	// weight is set at creation and only read after.
+	weight float64
 
 	// reqs is sent to and closed only by the loop. Its capacity is the
 	// queue depth and the loop never lets pending exceed it, so a send
@@ -42,9 +60,9 @@ type worker[Req, Res any] struct {
 	retired chan struct{}
 
 	// Owned by the loop.
-	pending int   // requests queued or running
-	last    int64 // dispatch sequence number of the latest request
-	index   int   // slot in the pool; -1 once removed from it
+	pending int     // requests queued or running, as of the completions taken
+	unit    float64 // 1/weight: the cost of one request without WithLoadEstimate
+	index   int     // slot in the pool; -1 once removed from it
 	removed bool
 
 	// goroutine is the ID of the goroutine serving, so that Close can
@@ -55,11 +73,12 @@ type worker[Req, Res any] struct {
 	assigned  atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
 	gone      atomic.Bool   // stored by the loop on RemoveWorker
 	completed atomic.Uint64 // outcomes this worker delivered; the worker writes the rest
+	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
 	failed    atomic.Uint64
 	panics    atomic.Uint64
 }
 
-func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res]) *worker[Req, Res] {
+func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], weight float64) *worker[Req, Res] {
 	return &worker[Req, Res]{
 		b:       b,
 		id:      id,
@@ -68,9 +87,22 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res]) *
 		exited:  make(chan struct{}),
 		retired: make(chan struct{}),
 		index:   -1,
-		// Never dispatched to: it has waited longest of all, ties by ID.
-		last: minSeq + int64(id),
+		unit:    1 / weight,
+		weight:  weight,
 	}
+}
+
+// cost is the pool's sort key: the expected wait for one more request at w,
+// in units that only need to compare. It is the requests w would then
+// have, times the time each takes: the observed mean service time with
+// WithLoadEstimate (zero before the first observation, so that a new
+// worker is tried first), 1/weight otherwise.
+func (w *worker[Req, Res]) cost() float64 {
+	unit := w.unit
+	if w.b.estimate {
+		unit = float64(w.service.Load())
+	}
+	return float64(w.pending+1) * unit
 }
 
 // run serves requests until the loop closes reqs. The caller has done
@@ -120,7 +152,9 @@ func (w *worker[Req, Res]) call(r request[Req, Res], res *Result[Req, Res]) {
 		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
 		go w.run()
 	}()
+	start := time.Now()
 	res.Value, res.Err = w.fn(ctx, r.req)
+	w.observe(time.Since(start))
 	returned = true
 }
 
@@ -156,16 +190,24 @@ type Stats struct {
 	Failed uint64
 	// Panics counts Funcs that panicked (each also counts as Failed).
 	Panics uint64
+	// Waiting counts callers blocked in Do or Submit because every worker
+	// is full: the backlog in front of the balancer.
+	Waiting int
 }
 
 // WorkerStats describes one worker.
 type WorkerStats struct {
 	ID        int
 	Pending   int    // requests queued or running on it
-	Completed uint64 // outcomes it delivered
+	Completed uint64 // outcomes it delivered, whether or not the Func ran
 	Failed    uint64 // of those, outcomes with a non-nil Err
 	Panics    uint64 // of those, Func panics
-	Removed   bool   // RemoveWorker was called; it is finishing its queue
+	// MeanService is a moving average of the Func's run time on this
+	// worker (see WithLoadEstimate for how it moves); 0 before it first
+	// ran. It is kept with or without WithLoadEstimate.
+	MeanService time.Duration
+	Weight      float64 // as given to AddWorker; 1 for New's workers
+	Removed     bool    // RemoveWorker was called; it is finishing its queue
 }
 
 // Stats returns a snapshot of the balancer's figures. It never blocks, and
@@ -183,7 +225,16 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 		pending, completed := w.load()
 		c := w.counts()
 		c.completed = completed
-		ws := WorkerStats{ID: w.id, Pending: pending, Completed: c.completed, Failed: c.failed, Panics: c.panics, Removed: w.gone.Load()}
+		ws := WorkerStats{
+			ID:          w.id,
+			Pending:     pending,
+			Completed:   c.completed,
+			Failed:      c.failed,
+			Panics:      c.panics,
+			MeanService: time.Duration(w.service.Load()),
+			Weight:      w.weight,
+			Removed:     w.gone.Load(),
+		}
 		s.Workers[i] = ws
 		s.Pending += ws.Pending
 		s.Completed += c.completed
@@ -193,6 +244,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	// Read after the completions it must not be less than: a request is
 	// accepted before it can complete.
 	s.Accepted = b.accepted.Load()
+	s.Waiting = int(b.waiting.Load())
 	return s
 }
 
