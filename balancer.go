@@ -17,7 +17,6 @@
 package balancer
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -521,7 +520,7 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.drain()
 	}
-	for _, s := range b.pool {
+	for _, s := range b.pool.slots {
 		close(s.w.reqs)
 	}
 }
@@ -571,16 +570,15 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 
 // hasRoom reports whether the least-loaded worker can take a request.
 func (b *Balancer[Req, Res]) hasRoom() bool {
-	return len(b.pool) > 0 && b.pool[0].w.pending < b.depth
+	return b.pool.Len() > 0 && b.pool.root().pending < b.depth
 }
 
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
-	w := b.pool[0].w
+	w := b.pool.root()
 	w.pending++
-	b.pool[0].last = b.seq
+	b.pool.dispatched(b.seq)
 	b.seq++
-	b.pool.touch(w)
 	b.pending++
 	// Counted before the send, so Stats never sees a request complete
 	// before it was accepted.
@@ -625,7 +623,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	if !ok || w.removed {
 		return commandReply{err: fmt.Errorf("%w: %d", ErrUnknownWorker, c.id)}
 	}
-	heap.Remove(&b.pool, w.index)
+	b.pool.remove(w)
 	w.removed = true
 	w.gone.Store(true)
 	close(w.reqs) // the loop is its only sender and will not send again; queued requests still drain
@@ -643,7 +641,7 @@ func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], weight float64) int {
 	b.nextID++
 	b.workers[w.id] = w
 	// Never dispatched to: it has waited longest of all, ties by ID.
-	heap.Push(&b.pool, slot[Req, Res]{cost: w.cost(), last: minSeq + int64(w.id), w: w})
+	b.pool.add(w, minSeq+int64(w.id))
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: append(r.workers[:len(r.workers):len(r.workers)], w), retired: r.retired})
 	b.wg.Add(1)
@@ -694,10 +692,7 @@ func (b *Balancer[Req, Res]) dropQueued() {
 			b.retire(w)
 		}
 	}
-	for i := range b.pool {
-		b.pool[i].cost = b.pool[i].w.cost()
-	}
-	heap.Init(&b.pool)
+	b.pool.refresh()
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: r.workers, retired: r.retired.plus(dropped)})
 }

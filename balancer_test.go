@@ -4,7 +4,6 @@
 package balancer
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -717,10 +716,11 @@ func TestStatsIsConsistentUnderLoad(t *testing.T) {
 }
 
 // The heap's invariant, from the inside.
-func checkHeap(t *testing.T, p pool[int, int]) {
+func checkHeap(t *testing.T, p *pool[int, int]) {
 	t.Helper()
-	for i, s := range p {
-		require.Equal(t, i, s.w.index, "worker %d's index", s.w.id)
+	for i, s := range p.slots {
+		require.Equal(t, i, p.at[s.h], "worker %d's index", s.w.id)
+		require.Equal(t, s.h, s.w.handle, "worker %d's handle", s.w.id)
 		require.Equal(t, s.w.cost(), s.cost, "worker %d's cost", s.w.id)
 		if i > 0 {
 			require.False(t, p.Less(i, (i-1)/2), "slot %d sorts before its parent", i)
@@ -742,24 +742,29 @@ func newHeapHarness(depth int, estimate bool) *heapHarness {
 
 func (h *heapHarness) add(weight float64) *worker[int, int] {
 	w := newWorker(h.b, h.next, square, weight)
-	heap.Push(&h.p, slot[int, int]{cost: w.cost(), last: minSeq + int64(w.id), w: w})
+	h.p.add(w, minSeq+int64(w.id))
 	h.next++
 	return w
 }
 
+func (h *heapHarness) remove(t *testing.T, i int) {
+	w := h.p.slots[i].w
+	h.p.remove(w)
+	require.Equal(t, -1, h.p.at[w.handle])
+}
+
 // dispatch gives one request to the root, as the loop does when it has room.
 func (h *heapHarness) dispatch(t *testing.T) bool {
-	if len(h.p) == 0 || h.p[0].w.pending >= h.b.depth {
+	if h.p.Len() == 0 || h.p.root().pending >= h.b.depth {
 		return false
 	}
-	root := h.p[0]
-	for _, s := range h.p {
+	root := h.p.slots[0]
+	for _, s := range h.p.slots {
 		require.GreaterOrEqual(t, s.cost, root.cost, "the root is not the cheapest")
 	}
 	root.w.pending++
-	h.p[0].last = h.seq
+	h.p.dispatched(h.seq)
 	h.seq++
-	h.p.touch(root.w)
 	return true
 }
 
@@ -775,21 +780,21 @@ func TestPoolKeepsHeapInvariant(t *testing.T) {
 	h := newHeapHarness(4, false)
 	for i := range 16 {
 		h.add(float64(1 + i%3))
-		checkHeap(t, h.p)
+		checkHeap(t, &h.p)
 	}
 	for step := range 1000 {
 		if step%3 == 2 { // complete on some worker with work
-			if w := h.p[(step*7)%len(h.p)].w; w.pending > 0 {
+			if w := h.p.slots[(step*7)%h.p.Len()].w; w.pending > 0 {
 				h.complete(w, 0)
 			}
 		} else {
 			h.dispatch(t)
 		}
-		checkHeap(t, h.p)
+		checkHeap(t, &h.p)
 	}
-	w := heap.Remove(&h.p, 5).(*worker[int, int])
-	assert.Equal(t, -1, w.index)
-	checkHeap(t, h.p)
+	h.remove(t, 5)
+	h.add(1) // takes the freed handle
+	checkHeap(t, &h.p)
 }
 
 func TestEqualWorkersTakeTurns(t *testing.T) {
@@ -799,7 +804,7 @@ func TestEqualWorkersTakeTurns(t *testing.T) {
 	}
 	var got []int
 	for range 8 {
-		w := h.p[0].w
+		w := h.p.root()
 		got = append(got, w.id)
 		require.True(t, h.dispatch(t))
 		h.complete(w, 0)
@@ -1231,23 +1236,22 @@ func FuzzPool(f *testing.F) {
 			case 0:
 				h.dispatch(t)
 			case 1: // a worker with work completes one request
-				if len(h.p) == 0 {
+				if h.p.Len() == 0 {
 					continue
 				}
-				if w := h.p[arg%len(h.p)].w; w.pending > 0 {
+				if w := h.p.slots[arg%h.p.Len()].w; w.pending > 0 {
 					h.complete(w, time.Duration(arg+1)*time.Microsecond)
 				}
 			case 2:
 				h.add(float64(1 + arg%4))
 			case 3:
-				if len(h.p) == 0 {
+				if h.p.Len() == 0 {
 					continue
 				}
-				w := heap.Remove(&h.p, arg%len(h.p)).(*worker[int, int])
-				require.Equal(t, -1, w.index)
+				h.remove(t, arg%h.p.Len())
 			}
-			checkHeap(t, h.p)
-			for _, s := range h.p {
+			checkHeap(t, &h.p)
+			for _, s := range h.p.slots {
 				require.True(t, s.w.pending >= 0 && s.w.pending <= h.b.depth, "pending %d", s.w.pending)
 			}
 		}

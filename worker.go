@@ -62,7 +62,7 @@ type worker[Req, Res any] struct {
 	// Owned by the loop.
 	pending int     // requests queued or running, as of the completions taken
 	unit    float64 // 1/weight: the cost of one request without WithLoadEstimate
-	index   int     // slot in the pool; -1 once removed from it
+	handle  int     // the pool's name for it while it is in the heap
 	removed bool
 
 	// goroutine is the ID of the goroutine serving, so that Close can
@@ -86,7 +86,6 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], w
 		reqs:    make(chan request[Req, Res], b.depth),
 		exited:  make(chan struct{}),
 		retired: make(chan struct{}),
-		index:   -1,
 		unit:    1 / weight,
 		weight:  weight,
 	}
