@@ -755,7 +755,13 @@ func (h *heapHarness) remove(t *testing.T, i int) {
 
 // dispatch gives one request to the root, as the loop does when it has room.
 func (h *heapHarness) dispatch(t *testing.T) bool {
-	if h.p.Len() == 0 || h.p.root().pending >= h.b.depth {
+	if h.p.Len() == 0 {
+		return false
+	}
+	if h.p.root().pending >= h.b.depth {
+		for _, s := range h.p.slots {
+			require.GreaterOrEqual(t, s.w.pending, h.b.depth, "the root is full but worker %d has room", s.w.id)
+		}
 		return false
 	}
 	root := h.p.slots[0]
@@ -839,6 +845,18 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		}
 		h.p.touch(slow)
 		assert.Less(t, slow.service.Load(), int64(1100*time.Microsecond), "its average recovered")
+	})
+	t.Run("a full fast worker does not hold up a slow one with room", func(t *testing.T) {
+		h := newHeapHarness(1, true)
+		fast, slow := h.add(1), h.add(1)
+		fast.observe(time.Millisecond)
+		slow.observe(4 * time.Millisecond)
+		h.p.touch(fast)
+		h.p.touch(slow)
+		require.True(t, h.dispatch(t))
+		require.True(t, h.dispatch(t), "slow has room")
+		assert.Equal(t, []int{1, 1}, []int{fast.pending, slow.pending})
+		assert.False(t, h.dispatch(t), "both full")
 	})
 	t.Run("a new worker is tried first", func(t *testing.T) {
 		h := newHeapHarness(4, true)

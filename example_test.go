@@ -4,7 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/leastload/balancer"
@@ -121,4 +128,101 @@ func ExampleFanIn() {
 	// Unordered output:
 	// from a
 	// from b
+}
+
+// Example_reverseProxy puts the balancer in front of real HTTP services: a
+// least-loaded reverse proxy over three backends of different speeds, each
+// fronted by one worker. WithLoadEstimate sends each request where it is
+// expected to finish first, so the fast backend serves the most. A backend
+// is removed while requests are in flight (none fails) and added back.
+func Example_reverseProxy() {
+	delays := []time.Duration{time.Millisecond, 4 * time.Millisecond, 16 * time.Millisecond}
+	var served [3]atomic.Int64
+	var urls []*url.URL
+	for i, delay := range delays {
+		backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			time.Sleep(delay)
+			served[i].Add(1)
+			fmt.Fprint(w, "ok")
+		}))
+		defer backend.Close()
+		u, _ := url.Parse(backend.URL)
+		urls = append(urls, u)
+	}
+
+	// A worker's request is an HTTP exchange to forward to its backend.
+	type exchange struct {
+		w http.ResponseWriter
+		r *http.Request
+	}
+	transport := &http.Transport{}
+	defer transport.CloseIdleConnections()
+	forwardTo := func(u *url.URL) balancer.Func[exchange, struct{}] {
+		proxy := httputil.NewSingleHostReverseProxy(u)
+		proxy.Transport = transport
+		return func(ctx context.Context, x exchange) (struct{}, error) {
+			proxy.ServeHTTP(x.w, x.r)
+			return struct{}{}, nil
+		}
+	}
+	lb, _ := balancer.New(1, forwardTo(urls[0]), balancer.WithQueueDepth(1), balancer.WithLoadEstimate())
+	defer lb.Close()
+	lb.AddWorker(forwardTo(urls[1])) // ID 1
+	lb.AddWorker(forwardTo(urls[2])) // ID 2
+
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		done, err := lb.Submit(r.Context(), exchange{w, r})
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		<-done // the worker writes the response; wait for it before returning
+	}))
+	defer front.Close()
+
+	client := &http.Client{Transport: &http.Transport{}}
+	defer client.CloseIdleConnections()
+	// send makes n requests from 8 concurrent clients and counts failures.
+	send := func(n int) int64 {
+		var failed atomic.Int64
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				for range n / 8 {
+					resp, err := client.Get(front.URL)
+					if err != nil || resp.StatusCode != http.StatusOK {
+						failed.Add(1)
+						continue
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			})
+		}
+		wg.Wait()
+		return failed.Load()
+	}
+
+	send(240)
+	fmt.Println("fast served more than medium:", served[0].Load() > served[1].Load())
+	fmt.Println("medium served more than slow:", served[1].Load() > served[2].Load())
+
+	// Remove the medium backend while requests flow, then add it back.
+	flowing := make(chan int64)
+	go func() { flowing <- send(160) }()
+	for served[0].Load()+served[1].Load()+served[2].Load() < 260 {
+		time.Sleep(time.Millisecond) // wait until the second batch is under way
+	}
+	lb.RemoveWorker(context.Background(), 1)
+	fmt.Println("requests failed while a backend was removed:", <-flowing)
+
+	before := served[1].Load()
+	id, _ := lb.AddWorker(forwardTo(urls[1]))
+	send(80)
+	fmt.Println("re-added backend", id, "served requests:", served[1].Load() > before)
+	// Output:
+	// fast served more than medium: true
+	// medium served more than slow: true
+	// requests failed while a backend was removed: 0
+	// re-added backend 3 served requests: true
 }

@@ -5,14 +5,15 @@
 # (RUN=regexp limits the tests; naming defects limits the defects).
 import os, re, subprocess, sys
 muts = {
- "depth ignored": ("balancer.go", "return len(b.pool) > 0 && b.pool[0].pending < b.depth", "return len(b.pool) > 0"),
+ "depth ignored": ("balancer.go", "return b.pool.Len() > 0 && b.pool.root().pending < b.depth", "return b.pool.Len() > 0"),
  "result channel unbuffered": ("balancer.go", "reply := make(chan Result[Req, Res], 1)\n\tif err := b.submit(", "reply := make(chan Result[Req, Res])\n\tif err := b.submit("),
  "no recover": ("worker.go", "if v := recover(); v != nil {", "if v := any(nil); v != nil {"),
- "Swap forgets index": ("pool.go", "\tp[i].index = i\n\tp[j].index = j\n", ""),
- "Close drops queued": ("balancer.go", "\tcase c.op == opQuit:\n\t\tb.closing = true\n", "\tcase c.op == opQuit:\n\t\tb.closing = true\n\t\tfor _, w := range b.pool {\n\t\t\tfor len(w.reqs) > 0 {\n\t\t\t\t<-w.reqs\n\t\t\t\tw.pending--\n\t\t\t\tb.pending--\n\t\t\t}\n\t\t}\n"),
+ "Swap forgets index": ("pool.go", "\tp.at[p.slots[i].h] = i\n\tp.at[p.slots[j].h] = j\n", ""),
+ "Close drops queued": ("balancer.go", "\tcase c.op == opQuit:\n\t\tb.closing = true\n", "\tcase c.op == opQuit:\n\t\tb.closing = true\n\t\tfor _, s := range b.pool.slots {\n\t\t\tfor len(s.w.reqs) > 0 {\n\t\t\t\t<-s.w.reqs\n\t\t\t\ts.w.pending--\n\t\t\t\tb.pending--\n\t\t\t}\n\t\t}\n"),
  "loop exits without draining": ("balancer.go", "for !b.closing || b.pending > 0 {", "for !b.closing {"),
- "recovered panic sends no outcome": ("worker.go", "\tw.finish(r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.events <- event[Req, Res]{done: w}\n\t\treturn\n\t}\n\tw.finish(r, res)\n}"),
+ "recovered panic sends no outcome": ("worker.go", "\tw.finish(r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.done <- w\n\t\treturn\n\t}\n\tw.finish(r, res)\n}"),
  "Goexit loses outcome and slot": ("worker.go", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n\t\tw.finish(r, *res)\n", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n"),
+ "full worker keeps a finite cost": ("worker.go", "\tif w.pending >= w.b.depth {\n\t\treturn math.Inf(1)", "\tif false {\n\t\treturn math.Inf(1)"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
