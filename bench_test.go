@@ -26,8 +26,12 @@ type dispatcher interface {
 func newDispatcher(b *testing.B, name string, workers, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
 	b.Helper()
 	switch name {
-	case "balancer":
-		d, err := balancer.New(0, fn(0), balancer.WithQueueDepth(depth))
+	case "balancer", "estimate":
+		opts := []balancer.Option{balancer.WithQueueDepth(depth)}
+		if name == "estimate" {
+			opts = append(opts, balancer.WithLoadEstimate())
+		}
+		d, err := balancer.New(0, fn(0), opts...)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -214,7 +218,8 @@ func BenchmarkSubmit(b *testing.B) {
 // when requests arrive on their own schedule (open loop, Poisson arrivals)
 // at 70 % and 90 % of the workers' capacity. Service times are whole
 // milliseconds (time.Sleep is about that coarse here), geometric with mean
-// 2 ms; in the "slow" case workers 6 and 7 are 4x slower. One op is one
+// 2 ms; in the "slow" case workers 6 and 7 are 4x slower. "estimate" is
+// the balancer with WithLoadEstimate. One op is one
 // experiment of balanceRequests requests; latency is from the scheduled
 // arrival to the result, reported as p50, p99 and p99.9 in ms. Run with
 // -benchtime=1x.
@@ -222,7 +227,11 @@ func BenchmarkBalance(b *testing.B) {
 	dispatchers := []struct {
 		name  string
 		depth int
-	}{{"balancer", 1}, {"balancer", balancer.DefaultQueueDepth}, {"shared", 1}, {"roundrobin", 1}, {"random", 1}}
+	}{
+		{"balancer", 1}, {"balancer", balancer.DefaultQueueDepth},
+		{"estimate", 2}, {"estimate", 4},
+		{"shared", 1}, {"roundrobin", 1}, {"random", 1},
+	}
 	for _, workers := range []string{"even", "slow"} {
 		for _, load := range []float64{0.7, 0.9} {
 			for _, d := range dispatchers {

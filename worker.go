@@ -2,6 +2,7 @@ package balancer
 
 import (
 	"context"
+	"math"
 	"runtime"
 	"runtime/debug"
 	"sync/atomic"
@@ -29,7 +30,7 @@ func (w *worker[Req, Res]) observe(d time.Duration) {
 		return
 	}
 	d = min(d, 4*time.Duration(old))
-	w.service.Store(old + (int64(d)-old)/5)
+	w.service.Store(old + (int64(d)-old)/serviceSmoothing)
 }
 
 // deliver sends r's one outcome. Whoever ends a request (its worker, or the
@@ -95,8 +96,12 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], w
 // in units that only need to compare. It is the requests w would then
 // have, times the time each takes: the observed mean service time with
 // WithLoadEstimate (zero before the first observation, so that a new
-// worker is tried first), 1/weight otherwise.
+// worker is tried first), 1/weight otherwise. A full worker costs +Inf:
+// the root has room whenever any worker has.
 func (w *worker[Req, Res]) cost() float64 {
+	if w.pending >= w.b.depth {
+		return math.Inf(1)
+	}
 	unit := w.unit
 	if w.b.estimate {
 		unit = float64(w.service.Load())
@@ -303,3 +308,9 @@ func (b *Balancer[Req, Res]) inFunc() bool {
 	}
 	return false
 }
+
+// serviceSmoothing is the moving average's divisor: each run time moves the
+// average 1/serviceSmoothing of the way to it. Run times vary a lot from one
+// request to the next; a smoother average tells equal workers apart less
+// often by accident.
+const serviceSmoothing = 16
