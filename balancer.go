@@ -104,7 +104,7 @@ func WithQueueDepth(n int) Option {
 // differences are not known in advance (remote backends, shared GPUs).
 //
 // The mean is a moving average over the worker's recent requests, each
-// moving it a fifth of the way to the new time; a time more than four times
+// moving it 1/16 of the way to the new time; a time more than four times
 // the average counts as four times, so one stall does not exile a worker.
 // A worker with no observation yet counts as fastest, so new workers are
 // tried at once; a worker that looks slow gets requests again as soon as

@@ -840,7 +840,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		}
 		assert.Equal(t, 4, fast.pending, "(4+1)×1 ms beats (0+1)×4 ms until the fifth")
 		assert.Equal(t, 1, slow.pending)
-		for range 20 { // slow serves fast now
+		for range 4 * serviceSmoothing { // slow serves fast now
 			slow.observe(time.Millisecond)
 		}
 		h.p.touch(slow)
@@ -872,7 +872,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		w := h.add(1)
 		w.observe(time.Millisecond)
 		w.observe(time.Second)
-		assert.Equal(t, int64(time.Millisecond+(4*time.Millisecond-time.Millisecond)/5), w.service.Load())
+		assert.Equal(t, int64(time.Millisecond+(4*time.Millisecond-time.Millisecond)/serviceSmoothing), w.service.Load())
 	})
 }
 

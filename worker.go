@@ -18,8 +18,8 @@ type request[Req, Res any] struct {
 	cmd   *command[Req, Res]      // not a request but a command for the loop (see Balancer.command)
 }
 
-// observe folds one run time of the Func into w's moving average: a fifth
-// of the way from the old average to d, with d capped at four times the
+// observe folds one run time of the Func into w's moving average:
+// 1/serviceSmoothing of the way from the old average to d, with d capped at four times the
 // old average so that one stall moves it little. Only w's goroutine calls
 // it.
 func (w *worker[Req, Res]) observe(d time.Duration) {
