@@ -153,7 +153,7 @@ func allTrivial(int) balancer.Func[int, int] { return trivial }
 // dispatch overhead. callers goroutines share b.N requests.
 func BenchmarkDo(b *testing.B) {
 	for _, workers := range []int{8, 4096} {
-		for _, depth := range []int{1, balancer.DefaultQueueDepth} {
+		for _, depth := range []int{balancer.DefaultQueueDepth, 4} {
 			for _, callers := range []int{1, 8, 64} {
 				for _, name := range []string{"balancer", "shared", "roundrobin", "random"} {
 					if name == "shared" && depth != 1 {
@@ -228,7 +228,7 @@ func BenchmarkBalance(b *testing.B) {
 		name  string
 		depth int
 	}{
-		{"balancer", 1}, {"balancer", balancer.DefaultQueueDepth},
+		{"balancer", balancer.DefaultQueueDepth}, {"balancer", 2},
 		{"estimate", 2}, {"estimate", 4},
 		{"shared", 1}, {"roundrobin", 1}, {"random", 1},
 	}

@@ -98,7 +98,7 @@ func ExampleBalancer_Shutdown() {
 		<-ctx.Done() // a long job that honours cancellation
 		return 0, ctx.Err()
 	}
-	b, _ := balancer.New(1, slow)
+	b, _ := balancer.New(1, slow, balancer.WithQueueDepth(2))
 	running, _ := b.Submit(context.Background(), 1)
 	queued, _ := b.Submit(context.Background(), 2)
 	<-started
