@@ -18,21 +18,6 @@ type request[Req, Res any] struct {
 	cmd   *command[Req, Res]      // not a request but a command for the loop (see Balancer.command)
 }
 
-// observe folds one run time of the Func into w's moving average:
-// 1/serviceSmoothing of the way from the old average to d, with d capped at four times the
-// old average so that one stall moves it little. Only w's goroutine calls
-// it.
-func (w *worker[Req, Res]) observe(d time.Duration) {
-	d = max(d, 1) // zero means "no observation"
-	old := w.service.Load()
-	if old == 0 {
-		w.service.Store(int64(d))
-		return
-	}
-	d = min(d, 4*time.Duration(old))
-	w.service.Store(old + (int64(d)-old)/serviceSmoothing)
-}
-
 // deliver sends r's one outcome. Whoever ends a request (its worker, or the
 // loop when Shutdown gives up) is the reply channel's only sender.
 func (r request[Req, Res]) deliver(res Result[Req, Res]) {
@@ -160,6 +145,27 @@ func (w *worker[Req, Res]) call(r request[Req, Res], res *Result[Req, Res]) {
 	res.Value, res.Err = w.fn(ctx, r.req)
 	w.observe(time.Since(start))
 	returned = true
+}
+
+// serviceSmoothing is the moving average's divisor: each run time moves the
+// average 1/serviceSmoothing of the way to it. Run times vary a lot from one
+// request to the next; a smoother average tells equal workers apart less
+// often by accident.
+const serviceSmoothing = 16
+
+// observe folds one run time of the Func into w's moving average:
+// 1/serviceSmoothing of the way from the old average to d, with d capped at
+// four times the old average so that one stall moves it little. Only w's
+// goroutine calls it.
+func (w *worker[Req, Res]) observe(d time.Duration) {
+	d = max(d, 1) // zero means "no observation"
+	old := w.service.Load()
+	if old == 0 {
+		w.service.Store(int64(d))
+		return
+	}
+	d = min(d, 4*time.Duration(old))
+	w.service.Store(old + (int64(d)-old)/serviceSmoothing)
 }
 
 // finish hands res to the caller and the freed slot to the loop. The counters
@@ -308,9 +314,3 @@ func (b *Balancer[Req, Res]) inFunc() bool {
 	}
 	return false
 }
-
-// serviceSmoothing is the moving average's divisor: each run time moves the
-// average 1/serviceSmoothing of the way to it. Run times vary a lot from one
-// request to the next; a smoother average tells equal workers apart less
-// often by accident.
-const serviceSmoothing = 16
