@@ -153,8 +153,9 @@ func WithWeight(w float64) WorkerOption {
 //
 // A Balancer is safe for concurrent use. After Close or Shutdown begins it
 // accepts nothing (ErrClosed) but finishes what it accepted; Stats keeps
-// working. A request costs a few channel hand-offs (about a microsecond)
-// and, through Do with a context that is never done, no allocation.
+// working. A request costs three goroutine hand-offs (1 to 2 µs on a
+// 2-core machine, two to four times a plain shared-channel pool) and,
+// through Do with a context that cannot be cancelled, no allocation.
 type Balancer[Req, Res any] struct {
 	depth    int
 	estimate bool                    // WithLoadEstimate
