@@ -151,6 +151,10 @@ func WithWeight(w float64) WorkerOption {
 // ended before a worker started the request, or ErrClosed if Shutdown gave
 // up on it. A Func panic or runtime.Goexit never kills a worker.
 //
+// A Func may call Do or Submit on its own balancer, but if every worker is
+// busy doing that, nothing can free a slot: such calls wait until their ctx
+// ends. Pass them the Func's ctx, with a deadline.
+//
 // A Balancer is safe for concurrent use. After Close or Shutdown begins it
 // accepts nothing (ErrClosed) but finishes what it accepted; Stats keeps
 // working. A request costs three goroutine hand-offs (1 to 2 µs on a
