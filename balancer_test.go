@@ -381,6 +381,23 @@ func TestCloseFinishesAcceptedAndRefusesNew(t *testing.T) {
 	})
 }
 
+// submitOne submits i to a balancer that squares and checks its fate:
+// refused with ErrClosed, or accepted with the right result. It reports
+// whether i was accepted.
+func submitOne(t *testing.T, b *Balancer[int, int], i int, outcomes, refused *atomic.Int64) bool {
+	c, err := b.Submit(context.Background(), i)
+	if err != nil {
+		assert.ErrorIs(t, err, ErrClosed)
+		refused.Add(1)
+		return false
+	}
+	r := <-c
+	assert.NoError(t, r.Err)
+	assert.Equal(t, i*i, r.Value)
+	outcomes.Add(1)
+	return true
+}
+
 func TestCloseWhileSubmitting(t *testing.T) {
 	b := mustNew(t, 4, square, WithQueueDepth(1))
 	var wg sync.WaitGroup
@@ -388,15 +405,9 @@ func TestCloseWhileSubmitting(t *testing.T) {
 	for range 8 {
 		wg.Go(func() {
 			for i := 0; ; i++ {
-				c, err := b.Submit(context.Background(), i)
-				if err != nil {
-					assert.ErrorIs(t, err, ErrClosed)
-					refused.Add(1)
+				if !submitOne(t, b, i, &outcomes, &refused) {
 					return
 				}
-				r := <-c
-				assert.NoError(t, r.Err)
-				outcomes.Add(1)
 			}
 		})
 	}
@@ -1206,16 +1217,7 @@ func TestMisuse(t *testing.T) {
 		for i := range 10_000 {
 			wg.Go(func() {
 				<-start
-				c, err := b.Submit(context.Background(), i)
-				if err != nil {
-					assert.ErrorIs(t, err, ErrClosed)
-					refused.Add(1)
-					return
-				}
-				r := <-c
-				assert.NoError(t, r.Err)
-				assert.Equal(t, i*i, r.Value)
-				outcomes.Add(1)
+				submitOne(t, b, i, &outcomes, &refused)
 			})
 		}
 		close(start)
