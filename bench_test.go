@@ -229,7 +229,7 @@ func BenchmarkBalance(b *testing.B) {
 		depth int
 	}{
 		{"balancer", balancer.DefaultQueueDepth}, {"balancer", 2},
-		{"estimate", 2}, {"estimate", 4},
+		{"estimate", 1}, {"estimate", 4},
 		{"shared", 1}, {"roundrobin", 1}, {"random", 1},
 	}
 	for _, workers := range []string{"even", "slow"} {
