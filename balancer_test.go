@@ -829,6 +829,18 @@ func TestEqualWorkersTakeTurns(t *testing.T) {
 	assert.Equal(t, []int{0, 1, 2, 3, 0, 1, 2, 3}, got)
 }
 
+// fastAndSlow returns a harness with load estimates and two workers seen
+// to take 1 ms and 4 ms.
+func fastAndSlow(depth int) (h *heapHarness, fast, slow *worker[int, int]) {
+	h = newHeapHarness(depth, true)
+	fast, slow = h.add(1), h.add(1)
+	fast.observe(time.Millisecond)
+	slow.observe(4 * time.Millisecond)
+	h.p.touch(fast)
+	h.p.touch(slow)
+	return h, fast, slow
+}
+
 func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 	t.Run("weight 2 takes twice the pending", func(t *testing.T) {
 		h := newHeapHarness(16, false)
@@ -840,12 +852,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		assert.Equal(t, 6, heavy.pending)
 	})
 	t.Run("slow worker gets less and recovers", func(t *testing.T) {
-		h := newHeapHarness(16, true)
-		fast, slow := h.add(1), h.add(1)
-		fast.observe(time.Millisecond)
-		slow.observe(4 * time.Millisecond)
-		h.p.touch(fast)
-		h.p.touch(slow)
+		h, fast, slow := fastAndSlow(16)
 		for range 5 {
 			require.True(t, h.dispatch(t))
 		}
@@ -858,12 +865,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		assert.Less(t, slow.service.Load(), int64(1100*time.Microsecond), "its average recovered")
 	})
 	t.Run("a full fast worker does not hold up a slow one with room", func(t *testing.T) {
-		h := newHeapHarness(1, true)
-		fast, slow := h.add(1), h.add(1)
-		fast.observe(time.Millisecond)
-		slow.observe(4 * time.Millisecond)
-		h.p.touch(fast)
-		h.p.touch(slow)
+		h, fast, slow := fastAndSlow(1)
 		require.True(t, h.dispatch(t))
 		require.True(t, h.dispatch(t), "slow has room")
 		assert.Equal(t, []int{1, 1}, []int{fast.pending, slow.pending})
