@@ -491,7 +491,8 @@ func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, c
 }
 
 // loop is the select loop. It owns the pool and runs until Close or
-// Shutdown has begun and nothing is pending, blocking only in its select.
+// Shutdown has begun and nothing is pending, blocking only in its select
+// (or, when that is all it waits for, a receive on requests).
 //
 // Completions need not wake it: while a worker has room it waits for
 // requests and commands only, and takes every completion waiting in done
@@ -577,7 +578,9 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 	}
 }
 
-// hasRoom reports whether the least-loaded worker can take a request.
+// hasRoom reports whether some worker can take a request. Looking at the
+// root is enough: a full worker costs +Inf, so it is the root only if
+// every worker is full.
 func (b *Balancer[Req, Res]) hasRoom() bool {
 	return b.pool.Len() > 0 && b.pool.root().pending < b.depth
 }
