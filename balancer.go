@@ -2,6 +2,8 @@
 // request goes to the worker with the fewest requests pending (queued or
 // running). Among equally loaded workers the one that has waited longest
 // since its last request wins, so light load spreads over all of them.
+// [WithWeight] and [WithLoadEstimate] weigh each worker's count by its
+// known or measured speed.
 //
 // A [Balancer] is a worker pool with a scheduler in front: like a pool it
 // runs a fixed [Func] per worker on its own goroutine, but each worker has a
