@@ -16,6 +16,7 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+	"weak"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -1280,4 +1281,28 @@ func FuzzPool(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A finished request must not be kept alive by the balancer: not by the
+// pooled reply channels, the workers' queues, the done channel or the heap.
+func TestFinishedRequestsAreNotRetained(t *testing.T) {
+	type big struct{ buf [1 << 16]byte }
+	b, err := New(2, func(ctx context.Context, p *big) (int, error) { return len(p.buf), nil }, WithQueueDepth(2))
+	require.NoError(t, err)
+	defer b.Close()
+	var refs []weak.Pointer[big]
+	for range 20 {
+		p, q := &big{}, &big{}
+		refs = append(refs, weak.Make(p), weak.Make(q))
+		_, err := b.Do(context.Background(), p)
+		require.NoError(t, err)
+		c, err := b.Submit(context.Background(), q)
+		require.NoError(t, err)
+		require.NoError(t, (<-c).Err)
+	}
+	runtime.GC()
+	runtime.GC()
+	for i, r := range refs {
+		assert.Nil(t, r.Value(), "request %d is still reachable", i)
+	}
 }
