@@ -56,6 +56,8 @@ var (
 	ErrGoexit = errors.New("balancer: Func called runtime.Goexit")
 )
 
+var errNilContext = fmt.Errorf("%w: nil Context", ErrInvalidArgument)
+
 // PanicError is the outcome of a request whose Func panicked. The worker
 // recovers, goes on serving and frees the request's slot.
 type PanicError struct {
@@ -418,10 +420,6 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-func noop() {}
-
-var errNilContext = fmt.Errorf("%w: nil Context", ErrInvalidArgument)
-
 // submit passes r to the loop, waiting while every worker is full.
 func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 	ctx := r.ctx
@@ -491,6 +489,11 @@ func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, c
 	stop := context.AfterFunc(b.abortCtx, cancel)
 	return ctx, func() { stop(); cancel() }
 }
+
+// noop is runContext's CancelFunc when there is nothing to cancel. A
+// package-level func, unlike a literal in a generic method, costs no
+// allocation.
+func noop() {}
 
 // loop is the select loop. It owns the pool and runs until Close or
 // Shutdown has begun and nothing is pending, blocking only in its select
