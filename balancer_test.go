@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -914,7 +915,14 @@ func TestStress(t *testing.T) {
 	outcomes := map[string]int{}
 	for r := int64(0); made < int64(requests); r++ {
 		st := newStress(seed+r, round)
+		// A hang is a failure too, and must name its seed; go test's own
+		// timeout would not print the test's log.
+		watchdog := time.AfterFunc(stressRoundLimit, func() {
+			debug.SetTraceback("all")
+			panic(fmt.Sprintf("TestStress: round %d still running after %v: replay with BALANCER_SEED=%d", r, stressRoundLimit, seed))
+		})
 		st.run(t)
+		watchdog.Stop()
 		if t.Failed() {
 			t.Fatalf("round %d failed: replay with BALANCER_SEED=%d", r, seed)
 		}
@@ -926,6 +934,10 @@ func TestStress(t *testing.T) {
 	}
 	t.Logf("%d requests made, %d accepted, outcomes %v, in %v", made, accepted, outcomes, time.Since(start))
 }
+
+// stressRoundLimit is far above a round's time (under a second here, with
+// the race detector) and below go test's default timeout.
+const stressRoundLimit = 3 * time.Minute
 
 const (
 	kindOK = iota
