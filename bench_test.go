@@ -177,9 +177,10 @@ func benchCallers(b *testing.B, d dispatcher, callers int) {
 	var left atomic.Int64
 	left.Store(int64(b.N))
 	var wg sync.WaitGroup
-	b.ResetTimer()
+	start := make(chan struct{}) // the callers start together, after the timer is reset
 	for range callers {
 		wg.Go(func() {
+			<-start
 			for left.Add(-1) >= 0 {
 				if _, err := d.Do(ctx, 1); err != nil {
 					b.Error(err)
@@ -188,6 +189,8 @@ func benchCallers(b *testing.B, d dispatcher, callers int) {
 			}
 		})
 	}
+	b.ResetTimer()
+	close(start)
 	wg.Wait()
 	b.StopTimer()
 }

@@ -233,8 +233,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	}
 	for i, w := range r.workers {
 		pending, completed := w.load()
-		c := w.counts()
-		c.completed = completed
+		c := counts{completed, w.failed.Load(), w.panics.Load()}
 		ws := WorkerStats{
 			ID:          w.id,
 			Pending:     pending,
