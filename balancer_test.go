@@ -891,6 +891,84 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 	})
 }
 
+// With load estimates, a request waits for a busy fast worker rather than
+// take a free slow one, unless enough callers wait behind it or the wait
+// outlasts the slow worker's expected time. Fast serves in 10 ms, slow in
+// 50 ms; request -1 makes fast stall until stall closes.
+func TestEstimateWaitsForAFastWorker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		stall := make(chan struct{})
+		sleeper := func(d time.Duration) Func[int, int] {
+			return func(ctx context.Context, i int) (int, error) {
+				if i < 0 {
+					<-stall
+				}
+				time.Sleep(d)
+				return i, nil
+			}
+		}
+		b := mustNew(t, 0, square, WithLoadEstimate())
+		defer b.Close()
+		fast, err := b.AddWorker(sleeper(10 * time.Millisecond))
+		require.NoError(t, err)
+		slow, err := b.AddWorker(sleeper(50 * time.Millisecond))
+		require.NoError(t, err)
+		submit := func(i int) <-chan Result[int, int] {
+			t.Helper()
+			c := make(chan Result[int, int], 1)
+			go func() { // Submit itself waits while the request is held
+				r, err := b.Submit(context.Background(), i)
+				if assert.NoError(t, err) {
+					c <- <-r
+				}
+			}()
+			synctest.Wait()
+			return c
+		}
+		// Both are new, so both are tried: fast first by ID.
+		first, second := submit(1), submit(2)
+		assert.Equal(t, []int{fast, slow}, []int{(<-first).Worker, (<-second).Worker})
+		synctest.Wait()
+
+		// One caller waits: fast is expected to free up and serve it in
+		// 2 × 10 ms, half of slow's 50 ms or less, so it waits.
+		busy := submit(3)
+		start := time.Now()
+		held := submit(4)
+		assert.Equal(t, 1, b.Stats().Waiting, "held back while slow is free")
+		assert.Equal(t, fast, (<-busy).Worker)
+		assert.Equal(t, fast, (<-held).Worker)
+		assert.Equal(t, 20*time.Millisecond, time.Since(start))
+		synctest.Wait()
+
+		// Two callers wait: the last would be served after 3 × 10 ms,
+		// more than half of 50 ms, so the first of them goes to slow.
+		busy = submit(5)
+		held = submit(6)
+		next := submit(7)
+		assert.Equal(t, []int{1, 1}, pendings(b), "the second caller sent the first to slow")
+		assert.Equal(t, []int{fast, slow, fast}, []int{(<-busy).Worker, (<-held).Worker, (<-next).Worker})
+		synctest.Wait()
+
+		// Fast stalls: a held caller goes to slow once it has waited
+		// slow's expected time, 50 ms.
+		stalled := submit(-1)
+		start = time.Now()
+		assert.Equal(t, slow, (<-submit(8)).Worker)
+		assert.Equal(t, 100*time.Millisecond, time.Since(start), "50 ms held, 50 ms served")
+		close(stall)
+		assert.Equal(t, fast, (<-stalled).Worker)
+
+		// TrySubmit never holds back.
+		synctest.Wait()
+		busy = submit(9)
+		c, ok := b.TrySubmit(10)
+		require.True(t, ok)
+		assert.Equal(t, slow, (<-c).Worker)
+		<-busy
+	})
+}
+
 // The stress test: many submitters, every kind of outcome, cancellations at
 // every stage, worker churn and a Close or Shutdown in the middle of each
 // round, checked request by request. A round is one balancer's life; rounds
@@ -990,8 +1068,12 @@ func (st *stress) fn(ctx context.Context, i int) (int, error) {
 }
 
 func (st *stress) run(t *testing.T) {
-	st.depth = 1 + int(uint64(st.seed)%4)
-	b, err := New(8, st.fn, WithQueueDepth(st.depth))
+	st.depth = 1 + int(uint64(st.seed)/2%4)
+	opts := []Option{WithQueueDepth(st.depth)}
+	if st.seed%2 == 0 { // every other round weighs workers by their speed, and holds back
+		opts = append(opts, WithLoadEstimate())
+	}
+	b, err := New(8, st.fn, opts...)
 	require.NoError(t, err)
 	var wg sync.WaitGroup
 	for g := range 64 {
@@ -1083,7 +1165,7 @@ func (st *stress) churn(t *testing.T, b *Balancer[int, int]) {
 			}
 			ids = append(ids[:k], ids[k+1:]...)
 		} else {
-			id, err := b.AddWorker(st.fn)
+			id, err := b.AddWorker(st.fn, WithWeight(float64(1+rng.IntN(3))))
 			if errors.Is(err, ErrClosed) {
 				return
 			}

@@ -278,7 +278,7 @@ func openLoop(b *testing.B, name string, depth int, slow bool, load float64) []t
 	}
 	var capacity float64 // requests per second
 	for i := range balanceWorkers {
-		capacity += 1 / (meanService.Seconds() * float64(slowdown(i)))
+		capacity += 1 / (meanService.Seconds()*float64(slowdown(i)) + sleepOvershoot().Seconds())
 	}
 	rate := load * capacity
 
@@ -307,3 +307,15 @@ func openLoop(b *testing.B, name string, depth int, slow bool, load float64) []t
 	wg.Wait()
 	return lat
 }
+
+// sleepOvershoot is how much longer than asked time.Sleep takes on this
+// machine (about 0.1 ms here). The offered load counts it as service time,
+// so that "0.9" is 90 % of what the workers can really serve.
+var sleepOvershoot = sync.OnceValue(func() time.Duration {
+	const n = 50
+	start := time.Now()
+	for range n {
+		time.Sleep(time.Millisecond)
+	}
+	return max(time.Since(start)/n-time.Millisecond, 0)
+})

@@ -49,6 +49,7 @@ type worker[Req, Res any] struct {
 	pending int     // requests queued or running, as of the completions taken
 	unit    float64 // 1/weight: the cost of one request without WithLoadEstimate
 	handle  int     // the pool's name for it while it is in the heap
+	rate    float64 // 1/mean service time while counted in b.busyRate, else 0
 	removed bool
 
 	// goroutine is the ID of the goroutine serving, so that Close can
@@ -201,7 +202,8 @@ type Stats struct {
 	// Panics counts Funcs that panicked (each also counts as Failed).
 	Panics uint64
 	// Waiting counts callers blocked in Do or Submit because every worker
-	// is full: the backlog in front of the balancer.
+	// is full (or, with WithLoadEstimate, held back for a faster one): the
+	// backlog in front of the balancer.
 	Waiting int
 }
 
