@@ -129,9 +129,10 @@ func WithQueueDepth(n int) Option {
 // than the slow worker's expected time for it, so a stalled fast worker
 // delays it by at most that much; TrySubmit never holds back. In
 // BenchmarkBalance, with two of eight workers four times slower, this
-// cuts the p99 latency at 70 % load by about a third against a shared
-// channel; at 90 % load every policy that cannot see request sizes ends
-// up close to the shared channel.
+// cuts the p99 latency at 70 % load by a third against a shared channel.
+// At 90 % load it does not help: the slow workers' capacity is needed
+// then, and no policy that cannot see request sizes does much better than
+// a shared channel.
 func WithLoadEstimate() Option {
 	return func(o *options) { o.estimate = true }
 }
