@@ -14,6 +14,10 @@ muts = {
  "recovered panic sends no outcome": ("worker.go", "\tw.finish(r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.done <- w\n\t\treturn\n\t}\n\tw.finish(r, res)\n}"),
  "Goexit loses outcome and slot": ("worker.go", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n\t\tw.finish(r, *res)\n", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n"),
  "full worker keeps a finite cost": ("worker.go", "\tif w.pending >= w.b.depth {\n\t\treturn math.Inf(1)", "\tif false {\n\t\treturn math.Inf(1)"),
+ "hold never times out": ("balancer.go", "b.timer.Reset(time.Duration(b.pool.slots[0].cost))", "b.timer.Reset(time.Hour)"),
+ "waiting callers do not nudge a hold": ("balancer.go", "\tif b.holding.Load() {\n", "\tif false {\n"),
+ "hold ignores the callers waiting": ("balancer.go", "k := max(waiting, 1)", "k := int64(1)"),
+ "busy workers never uncounted": ("balancer.go", "\tif w.rate == 0 {\n\t\treturn\n\t}\n\tb.busy--", "\tif true {\n\t\treturn\n\t}\n\tb.busy--"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
