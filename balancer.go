@@ -78,93 +78,164 @@ func (e *PanicError) Unwrap() error {
 	return err
 }
 
-// Queue depth bounds, see [WithQueueDepth].
+// Bounds on a worker's queue depth and concurrency, see [WithQueueDepth]
+// and [WithConcurrency].
 const (
 	DefaultQueueDepth = 1
-	MaxQueueDepth     = 1 << 16
+	MaxQueueDepth     = 1 << 16 // also bounds concurrency × depth: the requests one worker may hold
+	MaxConcurrency    = 1 << 16
 )
 
-// Option configures New.
-type Option func(*options)
+// An Option configures New or NewFrom. Every WorkerOption is also an
+// Option: given to New or NewFrom it applies to every worker they start.
+type Option interface {
+	apply(*options)
+}
+
+// A WorkerOption configures one worker: given to AddWorker or in a
+// WorkerSpec it applies to that worker.
+type WorkerOption interface {
+	Option
+	applyWorker(*workerOptions)
+}
 
 type options struct {
 	depth    int
 	estimate bool
+	worker   workerOptions // defaults for every worker New or NewFrom starts
 }
 
-// WithQueueDepth sets how many requests may be pending (queued or running)
-// on one worker: the capacity of its buffered request channel. The default,
-// DefaultQueueDepth (1), holds each request back until some worker is free,
-// so it goes to the worker that really frees first: the best tail latency
-// (BenchmarkBalance), at no measured cost in dispatch speed (BenchmarkDo).
-// A deeper queue commits requests to a worker early; it pays when a Func
-// takes about as long as a dispatch, so that a worker can start its next
-// request without waiting for the loop, and it lets WithLoadEstimate queue
-// work behind fast workers. New rejects n outside [1, MaxQueueDepth] with
+type workerOptions struct {
+	concurrency int
+	weight      float64
+}
+
+// with returns o changed by opts.
+func (o workerOptions) with(opts []WorkerOption) workerOptions {
+	for _, opt := range opts {
+		if opt != nil {
+			opt.applyWorker(&o)
+		}
+	}
+	return o
+}
+
+// defaultOptions is the one place the defaults are set.
+func defaultOptions() options {
+	return options{depth: DefaultQueueDepth, worker: workerOptions{concurrency: 1, weight: 1}}
+}
+
+// check reports the first option out of range for a worker of a balancer
+// with queue depth depth.
+func (o *workerOptions) check(depth int) error {
+	switch {
+	case o.concurrency < 1 || o.concurrency > MaxConcurrency:
+		return fmt.Errorf("%w: concurrency %d, want 1 to %d", ErrInvalidArgument, o.concurrency, MaxConcurrency)
+	case o.concurrency*depth > MaxQueueDepth:
+		return fmt.Errorf("%w: concurrency %d × queue depth %d, want at most %d", ErrInvalidArgument, o.concurrency, depth, MaxQueueDepth)
+	case !(o.weight > 0 && o.weight <= math.MaxFloat64):
+		return fmt.Errorf("%w: weight %v, want positive and finite", ErrInvalidArgument, o.weight)
+	}
+	return nil
+}
+
+type depthOption int
+
+func (d depthOption) apply(o *options) { o.depth = int(d) }
+
+// WithQueueDepth sets how many requests a worker may hold per request it
+// runs at once: a worker of concurrency c holds at most c × n requests
+// pending (running or queued), the capacity of its buffered request
+// channel. The default, DefaultQueueDepth (1), queues nothing at a worker:
+// each request waits in Do or Submit until some worker has a free slot, so
+// it goes to the worker that really frees first, which gives the best tail
+// latency. A deeper queue commits requests to a worker early; it pays when
+// a Func takes about as long as a dispatch, so that a worker can start its
+// next request without waiting for the loop, and it lets WithLoadEstimate
+// queue work behind fast workers. New rejects n outside [1,
+// MaxQueueDepth], and any worker whose c × n exceeds MaxQueueDepth, with
 // ErrInvalidArgument.
-func WithQueueDepth(n int) Option {
-	return func(o *options) { o.depth = n }
-}
+func WithQueueDepth(n int) Option { return depthOption(n) }
 
-// WithLoadEstimate makes the balancer weigh each worker's pending requests
-// by its observed service time: a request goes to the worker where it is
-// expected to finish first, (pending+1) × mean service time, instead of the
-// one with the fewest pending. Use it when workers differ in speed and the
-// differences are not known in advance (remote backends, shared GPUs).
+type estimateOption struct{}
+
+func (estimateOption) apply(o *options) { o.estimate = true }
+
+// WithLoadEstimate makes the balancer weigh each worker's load by its
+// observed service time: a request goes to the worker where it is expected
+// to finish first instead of the one with the fewest pending per slot. For
+// a worker of concurrency c with p requests pending and mean service time
+// s, that is s if a slot is free, else s × (p+1)/c. Use it when workers
+// differ in speed and the differences are not known in advance (remote
+// backends, shared GPUs).
 //
-// The mean is a moving average over the worker's recent requests, each
-// moving it 1/16 of the way to the new time; a time more than four times
-// the average counts as four times, so one stall does not exile a worker.
-// A worker with no observation yet counts as fastest, so new workers are
-// tried at once; a worker that looks slow gets requests again as soon as
-// the others have enough queued, or are full, and each one it serves
-// corrects its average. Worker weights (WithWeight) are not used in this
-// mode.
+// The mean is a moving average over the worker's recent requests, learned
+// from all its slots, each request moving it 1/16 of the way to its run
+// time; a time more than four times the average counts as four times, so
+// one stall does not exile a worker. A worker with no observation yet
+// counts as fastest, so new workers are tried at once; a worker that looks
+// slow gets requests again as soon as the others have enough queued, or
+// are full, and each one it serves corrects its average. Worker weights
+// (WithWeight) are not used in this mode.
 //
 // The balancer also holds requests back: when every fast worker is full
 // and only a slow one has room, a request waits in Do or Submit for a fast
-// worker to free up if, counting the callers already waiting, that is
+// worker to free a slot if, counting the callers already waiting, that is
 // expected to finish it in half the slow worker's time or less. As callers
 // pile up the slow worker gets its share. While callers are held, at least
 // one goes to the slow worker per its expected time for a request, so a
-// stalled fast worker cannot strand them; TrySubmit never holds back. In
-// BenchmarkBalance, with two of eight workers four times slower, this
-// cuts the p99 latency at 70 % load by a third against a shared channel.
-// At 90 % load it does not help: the slow workers' capacity is needed
-// then, and no policy that cannot see request sizes does much better than
-// a shared channel.
-func WithLoadEstimate() Option {
-	return func(o *options) { o.estimate = true }
-}
+// stalled fast worker cannot strand them; TrySubmit never holds back. With
+// two of eight workers four times slower at 70 % load, this cuts the p99
+// latency by a third against a shared channel. At 90 % load it does not
+// help: the slow workers' capacity is needed then, and no policy that
+// cannot see request sizes does much better than a shared channel.
+func WithLoadEstimate() Option { return estimateOption{} }
 
-// A WorkerOption configures a worker added with AddWorker.
-type WorkerOption func(*workerOptions)
+type concurrencyOption int
 
-type workerOptions struct {
-	weight float64
-}
+func (c concurrencyOption) apply(o *options)             { o.worker.concurrency = int(c) }
+func (c concurrencyOption) applyWorker(o *workerOptions) { o.concurrency = int(c) }
 
-// WithWeight gives a worker a capacity relative to the others (default 1):
-// a worker of weight 2 is taken to serve twice as fast, so it is given
-// requests until it has twice the pending requests of a weight-1 worker.
-// Use it when the capacities are known (a backend with twice the cores).
-// AddWorker rejects a weight that is not positive and finite with
-// ErrInvalidArgument. Ignored with WithLoadEstimate, which measures instead.
-func WithWeight(w float64) WorkerOption {
-	return func(o *workerOptions) { o.weight = w }
-}
+// WithConcurrency sets how many requests a worker runs at once (default
+// 1): it gets n goroutines that serve its one request channel. Give a
+// worker that fronts a resource serving several requests at once (a
+// backend's connection pool, a batching device) its real concurrency, not
+// n workers: the balancer then compares resources, not slots, and a
+// worker's load is its pending requests per slot. Rejected with
+// ErrInvalidArgument outside [1, MaxConcurrency].
+func WithConcurrency(n int) WorkerOption { return concurrencyOption(n) }
+
+type weightOption float64
+
+func (w weightOption) apply(o *options)             { o.worker.weight = float64(w) }
+func (w weightOption) applyWorker(o *workerOptions) { o.weight = float64(w) }
+
+// WithWeight gives a worker a speed relative to the others (default 1): a
+// worker of weight 2 is taken to serve each request twice as fast, so it
+// is preferred while it has up to twice the pending requests per slot of a
+// weight-1 worker. (A worker that serves more requests at once, rather
+// than each faster, wants WithConcurrency.) Rejected with
+// ErrInvalidArgument unless positive and finite. Ignored with
+// WithLoadEstimate, which measures instead.
+func WithWeight(w float64) WorkerOption { return weightOption(w) }
 
 // A Balancer sends each request to the worker with the fewest pending
-// requests. Create one with New; the zero value is not usable.
+// requests per slot. Create one with New or NewFrom; the zero value is not
+// usable.
+//
+// The model: a worker runs up to its concurrency c requests at once
+// (WithConcurrency, default 1) and holds at most c × depth pending, running
+// or queued (WithQueueDepth, default 1: nothing queued at the worker). Its
+// load is pending ÷ (c × weight), or with WithLoadEstimate the expected time
+// to finish one more request there. When every worker is at its limit,
+// requests wait in front of the balancer, in Do or Submit.
 //
 // Most callers want Do, which runs one request and returns its result.
 // Submit returns at once with a channel for the result, for callers that
 // keep several requests in flight; TrySubmit never waits for capacity.
-// When every worker has QueueDepth requests pending, Do and Submit wait
-// until one finishes or their ctx is done: the balancer never queues more
-// than workers × depth requests. (WithLoadEstimate also makes them wait
-// while a busy worker is expected to serve them much sooner than a free
-// slow one.)
+// When every worker is at its limit, Do and Submit wait until a slot frees
+// or their ctx is done. (WithLoadEstimate also makes them wait while a busy
+// worker is expected to serve them much sooner than a free slow one.)
 //
 // Every accepted request gets exactly one outcome: the Func's result, its
 // error unchanged, a *PanicError, ErrGoexit, the request's ctx.Err() if it
@@ -183,6 +254,7 @@ func WithWeight(w float64) WorkerOption {
 type Balancer[Req, Res any] struct {
 	depth    int
 	estimate bool                    // WithLoadEstimate
+	defaults workerOptions           // for AddWorker, from New's options
 	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
 	done     chan *worker[Req, Res]  // completions, buffered: see the loop for why a send never waits long
 	cmds     chan *command[Req, Res] // unbuffered: the loop always receives commands until it exits
@@ -211,7 +283,8 @@ type Balancer[Req, Res any] struct {
 	// Holding back, with WithLoadEstimate only (see holdBack); owned by
 	// the loop.
 	busy     int         // full workers with a mean service time
-	busyRate float64     // the sum of their service rates, in requests per ns
+	busyRate float64     // the sum of their service rates (c/s each), in requests per ns
+	busyHeld int         // the sum of their limits (c × depth each)
 	held     bool        // the loop is holding requests back
 	timing   bool        // timer runs: a caller is being held
 	expired  bool        // timer fired: the next request goes to the root
@@ -230,12 +303,12 @@ const doneBuffer = 1024
 
 // command asks the loop to do something only the owner of the pool can.
 type command[Req, Res any] struct {
-	op     op
-	fn     Func[Req, Res]    // opAdd
-	weight float64           // opAdd
-	id     int               // opRemove
-	req    request[Req, Res] // opTry
-	reply  chan commandReply // capacity 1: the loop never blocks answering
+	op    op
+	fn    Func[Req, Res]    // opAdd
+	wo    workerOptions     // opAdd
+	id    int               // opRemove
+	req   request[Req, Res] // opTry
+	reply chan commandReply // capacity 1: the loop never blocks answering
 }
 
 type op int
@@ -259,9 +332,10 @@ type commandReply struct {
 }
 
 // New starts a Balancer with workers workers, IDs 0 to workers-1, each
-// running fn. Zero workers is allowed: requests wait for AddWorker. New
-// returns an error wrapping ErrInvalidArgument if workers is negative, fn is
-// nil or an option is out of range. Call Close to stop its goroutines.
+// running fn; WorkerOptions among opts apply to each of them. Zero workers
+// is allowed: requests wait for AddWorker. New returns an error wrapping
+// ErrInvalidArgument if workers is negative, fn is nil or an option is out
+// of range. Call Close to stop its goroutines.
 func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balancer[Req, Res], error) {
 	if workers < 0 {
 		return nil, fmt.Errorf("%w: %d workers", ErrInvalidArgument, workers)
@@ -269,18 +343,56 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	if fn == nil {
 		return nil, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
 	}
-	o := options{depth: DefaultQueueDepth}
+	return start(workers, func(int) WorkerSpec[Req, Res] { return WorkerSpec[Req, Res]{Func: fn} }, opts)
+}
+
+// A WorkerSpec describes one worker for NewFrom: the Func it runs and the
+// options that set it apart from the others.
+type WorkerSpec[Req, Res any] struct {
+	Func    Func[Req, Res]
+	Options []WorkerOption
+}
+
+// NewFrom starts a Balancer with one worker per spec, IDs in the order
+// given, for workers that differ: each its own Func, concurrency or
+// weight. WorkerOptions among opts are defaults that a spec's own Options
+// override. NewFrom returns an error wrapping ErrInvalidArgument, naming
+// the spec, if a Func is nil or an option is out of range. Call Close to
+// stop its goroutines.
+func NewFrom[Req, Res any](workers []WorkerSpec[Req, Res], opts ...Option) (*Balancer[Req, Res], error) {
+	return start(len(workers), func(i int) WorkerSpec[Req, Res] { return workers[i] }, opts)
+}
+
+// start checks every option and spec, then starts the balancer with n
+// workers, worker i as spec(i) describes.
+func start[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opts []Option) (*Balancer[Req, Res], error) {
+	o := defaultOptions()
 	for _, opt := range opts {
 		if opt != nil {
-			opt(&o)
+			opt.apply(&o)
 		}
 	}
 	if o.depth < 1 || o.depth > MaxQueueDepth {
 		return nil, fmt.Errorf("%w: queue depth %d, want 1 to %d", ErrInvalidArgument, o.depth, MaxQueueDepth)
 	}
+	if err := o.worker.check(o.depth); err != nil {
+		return nil, err
+	}
+	wos := make([]workerOptions, n) // checked before anything starts
+	for i := range n {
+		s := spec(i)
+		if s.Func == nil {
+			return nil, fmt.Errorf("%w: worker %d: nil Func", ErrInvalidArgument, i)
+		}
+		wos[i] = o.worker.with(s.Options)
+		if err := wos[i].check(o.depth); err != nil {
+			return nil, fmt.Errorf("worker %d: %w", i, err)
+		}
+	}
 	b := &Balancer[Req, Res]{
 		depth:    o.depth,
 		estimate: o.estimate,
+		defaults: o.worker,
 		requests: make(chan request[Req, Res]),
 		done:     make(chan *worker[Req, Res], doneBuffer),
 		cmds:     make(chan *command[Req, Res]),
@@ -296,8 +408,8 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	b.abortCtx, b.abort = context.WithCancel(context.Background())
 	b.replies.New = func() any { return make(chan Result[Req, Res], 1) }
 	b.roster.Store(&roster[Req, Res]{})
-	for range workers {
-		b.addWorker(fn, 1)
+	for i, wo := range wos {
+		b.addWorker(spec(i).Func, wo)
 	}
 	go b.loop()
 	return b, nil
@@ -367,23 +479,20 @@ func (b *Balancer[Req, Res]) TrySubmit(req Req) (<-chan Result[Req, Res], bool) 
 }
 
 // AddWorker starts a worker running fn and returns its ID, which no other
-// worker has had or will have. The new worker has nothing pending, so it is
-// next in line for work. AddWorker returns ErrInvalidArgument for a nil fn
-// or a bad option, and ErrClosed after Close or Shutdown began.
+// worker has had or will have. Options not given default to the
+// WorkerOptions given to New or NewFrom. The new worker has nothing
+// pending, so it is next in line for work. AddWorker returns
+// ErrInvalidArgument for a nil fn or a bad option, and ErrClosed after
+// Close or Shutdown began.
 func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res], opts ...WorkerOption) (id int, err error) {
 	if fn == nil {
 		return 0, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
 	}
-	o := workerOptions{weight: 1}
-	for _, opt := range opts {
-		if opt != nil {
-			opt(&o)
-		}
+	o := b.defaults.with(opts)
+	if err := o.check(b.depth); err != nil {
+		return 0, err
 	}
-	if !(o.weight > 0 && o.weight <= math.MaxFloat64) {
-		return 0, fmt.Errorf("%w: weight %v, want positive and finite", ErrInvalidArgument, o.weight)
-	}
-	rep, err := b.command(&command[Req, Res]{op: opAdd, fn: fn, weight: o.weight})
+	rep, err := b.command(&command[Req, Res]{op: opAdd, fn: fn, wo: o})
 	return rep.id, err
 }
 
@@ -647,14 +756,14 @@ func (b *Balancer[Req, Res]) ready() bool {
 // root is enough: a full worker costs +Inf, so it is the root only if
 // every worker is full.
 func (b *Balancer[Req, Res]) hasRoom() bool {
-	return b.pool.Len() > 0 && b.pool.root().pending < b.depth
+	return b.pool.Len() > 0 && b.pool.root().pending < b.pool.root().limit
 }
 
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	w := b.pool.root()
 	w.pending++
-	if w.pending == b.depth {
+	if w.pending == w.limit {
 		b.countBusy(w)
 	}
 	b.expired = false
@@ -665,7 +774,7 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	// before it was accepted.
 	w.assigned.Add(1)
 	b.accepted.Add(1)
-	w.reqs <- r // cannot block: pending was below depth = cap(w.reqs)
+	w.reqs <- r // cannot block: pending was below limit = cap(w.reqs)
 }
 
 // complete records that w finished a request.
@@ -693,7 +802,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	case b.closing:
 		return commandReply{err: ErrClosed}
 	case c.op == opAdd:
-		return commandReply{id: b.addWorker(c.fn, c.weight)}
+		return commandReply{id: b.addWorker(c.fn, c.wo)}
 	case c.op == opTry:
 		ok := b.hasRoom()
 		if ok {
@@ -719,16 +828,15 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 
 // addWorker creates and starts a worker. New calls it before the loop
 // starts; after that only the loop does.
-func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], weight float64) int {
-	w := newWorker(b, b.nextID, fn, weight)
+func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], o workerOptions) int {
+	w := newWorker(b, b.nextID, fn, o)
 	b.nextID++
 	b.workers[w.id] = w
 	// Never dispatched to: it has waited longest of all, ties by ID.
 	b.pool.add(w, minSeq+int64(w.id))
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: append(r.workers[:len(r.workers):len(r.workers)], w), retired: r.retired})
-	b.wg.Add(1)
-	go w.run()
+	w.start()
 	return w.id
 }
 
@@ -796,12 +904,12 @@ const holdMargin = 2
 // waiting for one of the full workers to free a slot.
 //
 // The full workers that have a mean service time s free slots at a
-// combined rate R = Σ 1/s, and the one that frees next has a mean service
-// time of busy/R on average. If k callers are waiting (at least the one
-// the decision is for), the last of them is expected to be served by a
-// full worker after about (k + depth × busy)/R: k slots to free, then the
-// depth requests ahead of it and its own. The loop holds back while
-// holdMargin times that is less than the root's cost, (pending+1) × s.
+// combined rate R = Σ c/s over their concurrencies c, and hold H = Σ c ×
+// depth requests. If k callers are waiting (at least the one the decision
+// is for), the last of them is expected to be served by a full worker
+// after about (k + H)/R: k slots to free, then the requests ahead of it
+// and its own. The loop holds back while holdMargin times that is less
+// than the root's cost, its expected time for one more request.
 // With equal workers it never is, and as callers pile up behind the full
 // workers it stops being so, which sends the root its share. Once callers
 // have been held for the root's cost, the timer fires and the next request
@@ -814,7 +922,7 @@ func (b *Balancer[Req, Res]) holdBack() bool {
 		b.holding.Store(true) // before reading waiting: see submit
 		waiting = b.waiting.Load()
 		k := max(waiting, 1)
-		hold = b.pool.slots[0].cost*b.busyRate > holdMargin*float64(k+int64(b.depth*b.busy))
+		hold = b.pool.slots[0].cost*b.busyRate > holdMargin*float64(k+int64(b.busyHeld))
 	}
 	if !hold && (b.held || b.busy > 0) {
 		b.holding.Store(false)
@@ -838,9 +946,10 @@ func (b *Balancer[Req, Res]) countBusy(w *worker[Req, Res]) {
 		return
 	}
 	if s := w.service.Load(); s > 0 {
-		w.rate = 1 / float64(s)
+		w.rate = float64(w.concurrency) / float64(s)
 		b.busy++
 		b.busyRate += w.rate
+		b.busyHeld += w.limit
 	}
 }
 
@@ -851,6 +960,7 @@ func (b *Balancer[Req, Res]) uncountBusy(w *worker[Req, Res]) {
 	}
 	b.busy--
 	b.busyRate -= w.rate
+	b.busyHeld -= w.limit
 	w.rate = 0
 	if b.busy == 0 {
 		b.busyRate = 0 // no rounding error carried over

@@ -753,8 +753,13 @@ func newHeapHarness(depth int, estimate bool) *heapHarness {
 	return &heapHarness{b: &Balancer[int, int]{depth: depth, estimate: estimate}}
 }
 
+// add adds a worker of concurrency 1 and the given weight.
 func (h *heapHarness) add(weight float64) *worker[int, int] {
-	w := newWorker(h.b, h.next, square, weight)
+	return h.addWorker(workerOptions{concurrency: 1, weight: weight})
+}
+
+func (h *heapHarness) addWorker(o workerOptions) *worker[int, int] {
+	w := newWorker(h.b, h.next, square, o)
 	h.p.add(w, minSeq+int64(w.id))
 	h.next++
 	return w
@@ -771,9 +776,9 @@ func (h *heapHarness) dispatch(t *testing.T) bool {
 	if h.p.Len() == 0 {
 		return false
 	}
-	if h.p.root().pending >= h.b.depth {
+	if h.p.root().pending >= h.p.root().limit {
 		for _, s := range h.p.slots {
-			require.GreaterOrEqual(t, s.w.pending, h.b.depth, "the root is full but worker %d has room", s.w.id)
+			require.GreaterOrEqual(t, s.w.pending, s.w.limit, "the root is full but worker %d has room", s.w.id)
 		}
 		return false
 	}

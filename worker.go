@@ -27,87 +27,112 @@ func (r request[Req, Res]) deliver(res Result[Req, Res]) {
 	}
 }
 
-// worker runs requests one at a time, in the order the loop queued them.
+// worker serves requests from its queue on concurrency goroutines, its
+// slots, each taking the next request in the order the loop queued them.
 type worker[Req, Res any] struct {
 	b  *Balancer[Req, Res]
 	id int
 	fn Func[Req, Res]
-	// weight is set at creation and only read after.
-	weight float64
+	// Set at creation and only read after.
+	concurrency int
+	limit       int // concurrency × depth: the most requests it may hold
+	weight      float64
 
-	// reqs is sent to and closed only by the loop. Its capacity is the
-	// queue depth and the loop never lets pending exceed it, so a send
-	// never blocks: the channel holds at most pending requests.
+	// reqs is sent to and closed only by the loop. Its capacity is limit
+	// and the loop never lets pending exceed it, so a send never blocks:
+	// the channel holds at most pending requests.
 	reqs chan request[Req, Res]
-	// exited is closed when the worker's goroutine ends.
+	// exited is closed when the last of the worker's goroutines ends.
 	exited chan struct{}
 	// retired is closed by the loop once a removed worker has nothing
 	// pending and Stats counts it in the totals.
 	retired chan struct{}
+	// live counts the slots' goroutines that have not ended; the last to
+	// end closes exited.
+	live atomic.Int64
 
 	// Owned by the loop.
 	pending int     // requests queued or running, as of the completions taken
-	unit    float64 // 1/weight: the cost of one request without WithLoadEstimate
+	unit    float64 // 1/(concurrency × weight): a request's share of the cost without WithLoadEstimate
 	handle  int     // the pool's name for it while it is in the heap
-	rate    float64 // 1/mean service time while counted in b.busyRate, else 0
+	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
 	removed bool
 
-	// goroutine is the ID of the goroutine serving, so that Close can
-	// tell when a Func calls it. Written by that goroutine.
-	goroutine atomic.Int64
+	// goroutines[i] is the ID of the goroutine serving slot i, so that
+	// Close can tell when a Func calls it. Written by that goroutine.
+	goroutines []atomic.Int64
 
 	// Written by their single owner, read by Stats.
 	assigned  atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
 	gone      atomic.Bool   // stored by the loop on RemoveWorker
-	completed atomic.Uint64 // outcomes this worker delivered; the worker writes the rest
+	completed atomic.Uint64 // outcomes this worker delivered; its slots write the rest
+	running   atomic.Int64  // requests a slot has taken and not finished
 	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
 	failed    atomic.Uint64
 	panics    atomic.Uint64
 }
 
-func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], weight float64) *worker[Req, Res] {
+func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o workerOptions) *worker[Req, Res] {
+	limit := o.concurrency * b.depth
 	return &worker[Req, Res]{
-		b:       b,
-		id:      id,
-		fn:      fn,
-		reqs:    make(chan request[Req, Res], b.depth),
-		exited:  make(chan struct{}),
-		retired: make(chan struct{}),
-		unit:    1 / weight,
-		weight:  weight,
+		b:           b,
+		id:          id,
+		fn:          fn,
+		concurrency: o.concurrency,
+		limit:       limit,
+		weight:      o.weight,
+		reqs:        make(chan request[Req, Res], limit),
+		exited:      make(chan struct{}),
+		retired:     make(chan struct{}),
+		unit:        1 / (float64(o.concurrency) * o.weight),
+		goroutines:  make([]atomic.Int64, o.concurrency),
 	}
 }
 
 // cost is the pool's sort key: the expected wait for one more request at w,
-// in units that only need to compare. It is the requests w would then
-// have, times the time each takes: the observed mean service time with
-// WithLoadEstimate (zero before the first observation, so that a new
-// worker is tried first), 1/weight otherwise. A full worker costs +Inf:
-// the root has room whenever any worker has.
+// in units that only need to compare. Without WithLoadEstimate it is the
+// requests w would then have per slot, divided by its weight. With it, it
+// is the expected time to finish one more request: the observed mean
+// service time s if a slot is free, else s × (pending+1)/concurrency, the
+// time for the requests ahead to drain through all slots (s is zero before
+// the first observation, so that a new worker is tried first). A full
+// worker costs +Inf: the root has room whenever any worker has.
 func (w *worker[Req, Res]) cost() float64 {
-	if w.pending >= w.b.depth {
+	if w.pending >= w.limit {
 		return math.Inf(1)
 	}
-	unit := w.unit
 	if w.b.estimate {
-		unit = float64(w.service.Load())
+		n := max(w.pending+1, w.concurrency)
+		return float64(n) * float64(w.service.Load()) / float64(w.concurrency)
 	}
-	return float64(w.pending+1) * unit
+	return float64(w.pending+1) * w.unit
 }
 
-// run serves requests until the loop closes reqs. The caller has done
-// b.wg.Add(1) for it.
-func (w *worker[Req, Res]) run() {
-	defer w.b.wg.Done()
-	w.goroutine.Store(goid())
-	for r := range w.reqs {
-		w.serve(r)
+// start starts the worker's slots. The loop, or New before it, calls it.
+func (w *worker[Req, Res]) start() {
+	w.live.Store(int64(w.concurrency))
+	w.b.wg.Add(w.concurrency)
+	for i := range w.concurrency {
+		go w.run(i)
 	}
-	close(w.exited)
+}
+
+// run serves requests on slot i until the loop closes reqs. The caller has
+// done b.wg.Add(1) for it, and counted it in live.
+func (w *worker[Req, Res]) run(i int) {
+	defer w.b.wg.Done()
+	w.goroutines[i].Store(goid())
+	for r := range w.reqs {
+		w.serve(i, r)
+	}
+	if w.live.Add(-1) == 0 {
+		close(w.exited)
+	}
 }
 
 // serve delivers exactly one outcome for r and then reports the freed slot.
-func (w *worker[Req, Res]) serve(r request[Req, Res]) {
+func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
+	w.running.Add(1)
 	res := Result[Req, Res]{Req: r.req, Worker: w.id}
 	switch {
 	case w.b.abortCtx.Err() != nil:
@@ -115,15 +140,16 @@ func (w *worker[Req, Res]) serve(r request[Req, Res]) {
 	case r.ctx.Err() != nil:
 		res.Err = r.ctx.Err() // not run: its caller no longer wants it
 	default:
-		w.call(r, &res)
+		w.call(slot, r, &res)
 	}
 	w.finish(r, res)
 }
 
-// call runs the Func for r. A panic becomes a *PanicError. If the Func calls
-// runtime.Goexit, this goroutine cannot be saved: call delivers the outcome
-// itself, frees the slot and starts a replacement goroutine for the worker.
-func (w *worker[Req, Res]) call(r request[Req, Res], res *Result[Req, Res]) {
+// call runs the Func for r on slot i. A panic becomes a *PanicError. If the
+// Func calls runtime.Goexit, this goroutine cannot be saved: call delivers
+// the outcome itself, frees the slot and starts a replacement goroutine for
+// it, which takes over its count in live.
+func (w *worker[Req, Res]) call(i int, r request[Req, Res], res *Result[Req, Res]) {
 	ctx, cancel := w.b.runContext(r.ctx)
 	returned := false
 	defer func() {
@@ -140,7 +166,7 @@ func (w *worker[Req, Res]) call(r request[Req, Res], res *Result[Req, Res]) {
 		res.Value, res.Err = *new(Res), ErrGoexit
 		w.finish(r, *res)
 		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
-		go w.run()
+		go w.run(i)
 	}()
 	start := time.Now()
 	res.Value, res.Err = w.fn(ctx, r.req)
@@ -156,17 +182,20 @@ const serviceSmoothing = 16
 
 // observe folds one run time of the Func into w's moving average:
 // 1/serviceSmoothing of the way from the old average to d, with d capped at
-// four times the old average so that one stall moves it little. Only w's
-// goroutine calls it.
+// four times the old average so that one stall moves it little. w's slots
+// call it concurrently; each observation counts once.
 func (w *worker[Req, Res]) observe(d time.Duration) {
 	d = max(d, 1) // zero means "no observation"
-	old := w.service.Load()
-	if old == 0 {
-		w.service.Store(int64(d))
-		return
+	for {
+		old := w.service.Load()
+		next := int64(d)
+		if old != 0 {
+			next = old + (min(int64(d), 4*old)-old)/serviceSmoothing
+		}
+		if w.service.CompareAndSwap(old, next) {
+			return
+		}
 	}
-	d = min(d, 4*time.Duration(old))
-	w.service.Store(old + (int64(d)-old)/serviceSmoothing)
 }
 
 // finish hands res to the caller and the freed slot to the loop. The counters
@@ -177,6 +206,7 @@ func (w *worker[Req, Res]) finish(r request[Req, Res], res Result[Req, Res]) {
 		w.failed.Add(1)
 	}
 	w.completed.Add(1)
+	w.running.Add(-1)
 	// The slot is reported before the result is delivered, so a caller
 	// who has its result and submits again finds the slot free. The loop
 	// keeps room for this send (see loop).
@@ -209,8 +239,14 @@ type Stats struct {
 
 // WorkerStats describes one worker.
 type WorkerStats struct {
-	ID        int
-	Pending   int    // requests queued or running on it
+	ID          int
+	Concurrency int // requests it runs at once (WithConcurrency)
+	Pending     int // requests queued or running on it: Running + Queued
+	// Running counts the requests its slots have taken and not finished,
+	// at most Concurrency.
+	Running int
+	Queued  int // requests waiting in its queue for a slot
+
 	Completed uint64 // outcomes it delivered, whether or not the Func ran
 	Failed    uint64 // of those, outcomes with a non-nil Err
 	Panics    uint64 // of those, Func panics
@@ -236,9 +272,15 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	for i, w := range r.workers {
 		pending, completed := w.load()
 		c := counts{completed, w.failed.Load(), w.panics.Load()}
+		// A slot counts a request as completed before it stops counting
+		// it as running, so running may be one ahead of pending here.
+		running := min(int(w.running.Load()), pending)
 		ws := WorkerStats{
 			ID:          w.id,
+			Concurrency: w.concurrency,
 			Pending:     pending,
+			Running:     running,
+			Queued:      pending - running,
 			Completed:   c.completed,
 			Failed:      c.failed,
 			Panics:      c.panics,
@@ -309,8 +351,10 @@ func goid() int64 {
 func (b *Balancer[Req, Res]) inFunc() bool {
 	id := goid()
 	for _, w := range b.roster.Load().workers {
-		if w.goroutine.Load() == id {
-			return true
+		for i := range w.goroutines {
+			if w.goroutines[i].Load() == id {
+				return true
+			}
 		}
 	}
 	return false
