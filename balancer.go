@@ -47,7 +47,8 @@ var (
 	// not accepted, or (from Shutdown giving up) was accepted but not run.
 	ErrClosed = errors.New("balancer: closed")
 	// ErrInvalidArgument reports a bad argument: a negative worker count,
-	// a queue depth out of range, a nil Func or a nil context.
+	// a queue depth, concurrency or weight out of range, a nil Func or a
+	// nil context.
 	ErrInvalidArgument = errors.New("balancer: invalid argument")
 	// ErrUnknownWorker reports a worker ID that was never issued or whose
 	// worker was already removed.
@@ -463,11 +464,11 @@ func (b *Balancer[Req, Res]) Submit(ctx context.Context, req Req) (<-chan Result
 }
 
 // TrySubmit is Submit without waiting for capacity: it reports whether req
-// was accepted, which it is whenever some worker has fewer than QueueDepth
-// requests pending, slow or not (it never holds back). It returns false if
-// every worker is full, there are no workers, or Close or Shutdown has
-// begun. It waits only for the loop to
-// answer, never for a request to finish.
+// was accepted, which it is whenever some worker is below its limit of
+// concurrency × depth pending requests, slow or not (it never holds back).
+// It returns false if every worker is full, there are no workers, or Close
+// or Shutdown has begun. It waits only for the loop to answer, never for a
+// request to finish.
 func (b *Balancer[Req, Res]) TrySubmit(req Req) (<-chan Result[Req, Res], bool) {
 	reply := make(chan Result[Req, Res], 1)
 	r := request[Req, Res]{ctx: context.Background(), req: req, reply: reply}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"os"
 	"runtime"
@@ -588,6 +589,322 @@ func TestRemoveLastWorkerThenAdd(t *testing.T) {
 	})
 }
 
+// 6b. Workers with capacity.
+
+// loads lists each worker's running and queued requests in ID order.
+func loads(b *Balancer[int, int]) (running, queued []int) {
+	for _, w := range b.Stats().Workers {
+		running = append(running, w.Running)
+		queued = append(queued, w.Queued)
+	}
+	return running, queued
+}
+
+// Workers of concurrency 1, 2 and 4 and one of weight 4 are ordered by
+// pending ÷ (concurrency × weight), ties to the one that waited longest.
+func TestDispatchByPendingPerSlot(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(10)
+		b, err := NewFrom([]WorkerSpec[int, int]{
+			{Func: g.fn},
+			{Func: g.fn, Options: []WorkerOption{WithConcurrency(2)}},
+			{Func: g.fn, Options: []WorkerOption{WithConcurrency(4)}},
+			{Func: g.fn, Options: []WorkerOption{WithWeight(4)}},
+		})
+		require.NoError(t, err)
+		defer b.Close()
+		defer g.openAll()
+		results := make([]<-chan Result[int, int], 10)
+		submit := func(i int, want []int) {
+			t.Helper()
+			results[i], err = b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			synctest.Wait()
+			assert.Equal(t, want, pendings(b), "pending per worker after request %d", i)
+			running, queued := loads(b)
+			assert.Equal(t, want, running, "running per worker after request %d: nothing queues at depth 1", i)
+			assert.Equal(t, []int{0, 0, 0, 0}, queued)
+		}
+		// Costs (pending+1)/(c × weight): 1, 1/2, 1/4, 1/4.
+		submit(0, []int{0, 0, 1, 0}) // 1/4, and worker 2 waited longest
+		submit(1, []int{0, 0, 1, 1}) // worker 3 full at 1/4
+		submit(2, []int{0, 1, 1, 1}) // 1/2 ties with worker 2's 2/4; worker 1 waited longer
+		submit(3, []int{0, 1, 2, 1}) // 2/4
+		submit(4, []int{0, 1, 3, 1}) // 3/4
+		submit(5, []int{1, 1, 3, 1}) // 1 = 2/2 = 4/4; worker 0 waited longest
+		submit(6, []int{1, 2, 3, 1}) // worker 1 before worker 2
+		submit(7, []int{1, 2, 4, 1}) // every worker full now
+		c8 := make(chan Result[int, int], 1)
+		go func() { // Submit waits for a slot
+			r, err := b.Submit(context.Background(), 8)
+			if assert.NoError(t, err) {
+				c8 <- <-r
+			}
+		}()
+		synctest.Wait()
+		assert.Equal(t, 1, b.Stats().Waiting)
+		g.open(3) // a slot of worker 2 frees; request 8 takes it
+		assert.Equal(t, 2, (<-results[3]).Worker)
+		synctest.Wait()
+		assert.Equal(t, []int{1, 2, 4, 1}, pendings(b))
+		g.open(8)
+		assert.Equal(t, 2, (<-c8).Worker)
+		g.open(1)
+		assert.Equal(t, 3, (<-results[1]).Worker)
+		synctest.Wait()
+		assert.Equal(t, []int{1, 2, 3, 0}, pendings(b), "after worker 3 and a slot of worker 2 freed")
+		submit(9, []int{1, 2, 3, 1}) // 1/4 beats worker 2's 4/4
+	})
+}
+
+// A worker of concurrency c never runs more than c at once, queues depth ×
+// c, and Stats says which are running and which queued.
+func TestConcurrencyBoundsRunning(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var now, most atomic.Int64
+		release := make(chan struct{})
+		fn := func(ctx context.Context, i int) (int, error) {
+			n := now.Add(1)
+			for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+			}
+			<-release
+			now.Add(-1)
+			return i, nil
+		}
+		b := mustNew(t, 1, fn, WithConcurrency(3), WithQueueDepth(2))
+		defer b.Close()
+		var cs []<-chan Result[int, int]
+		for i := range 6 {
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		synctest.Wait()
+		ws := b.Stats().Workers[0]
+		assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 6, Running: 3, Queued: 3, Weight: 1}, ws)
+		_, ok := b.TrySubmit(6)
+		assert.False(t, ok, "3 × 2 pending is the limit")
+		for range 3 {
+			release <- struct{}{}
+			synctest.Wait()
+			running, queued := loads(b)
+			assert.Equal(t, []int{3}, running, "a freed slot takes the next queued request")
+			assert.Less(t, queued[0], 3)
+		}
+		close(release)
+		for _, c := range cs {
+			assert.NoError(t, (<-c).Err)
+		}
+		assert.Equal(t, int64(3), most.Load())
+	})
+}
+
+// The load estimate of a worker of concurrency c is one moving average fed
+// by every slot, and its cost counts the slots: s while one is free, then
+// s × (pending+1)/c.
+func TestEstimateLearnsFromEverySlot(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		sleep := func(ctx context.Context, ms int) (int, error) {
+			time.Sleep(time.Duration(ms) * time.Millisecond)
+			return ms, nil
+		}
+		b := mustNew(t, 1, sleep, WithConcurrency(4), WithLoadEstimate())
+		defer b.Close()
+		var cs []<-chan Result[int, int]
+		for _, ms := range []int{16, 32, 48, 64} { // one on each slot
+			c, err := b.Submit(context.Background(), ms)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		want := 16 * time.Millisecond // the first observation is taken whole
+		for i, ms := range []int{16, 32, 48, 64} {
+			require.NoError(t, (<-cs[i]).Err)
+			synctest.Wait()
+			if i > 0 {
+				want += (time.Duration(ms)*time.Millisecond - want) / serviceSmoothing
+			}
+			assert.Equal(t, want, b.Stats().Workers[0].MeanService, "after the run of %d ms", ms)
+		}
+	})
+	t.Run("cost counts the slots", func(t *testing.T) {
+		h := newHeapHarness(2, true)
+		w := h.addWorker(workerOptions{concurrency: 4, weight: 1})
+		w.observe(8 * time.Millisecond)
+		var got []float64
+		for range 8 {
+			got = append(got, w.cost()/float64(time.Millisecond))
+			require.True(t, h.dispatch(t))
+		}
+		assert.Equal(t, []float64{8, 8, 8, 8, 10, 12, 14, 16}, got)
+		assert.Equal(t, math.Inf(1), w.cost(), "full at 4 × 2")
+	})
+}
+
+// Under load at the default depth, a worker of concurrency 2, and one of
+// weight 2 that serves twice as fast, each get twice the requests of a
+// plain worker; under light load the weight sends every request to the
+// faster worker, where without weights the two would take turns.
+func TestDefaultsMakeCapacityAndWeightCount(t *testing.T) {
+	sleeper := func(d time.Duration) Func[int, int] {
+		return func(ctx context.Context, i int) (int, error) {
+			time.Sleep(d)
+			return i, nil
+		}
+	}
+	t.Run("under load", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b, err := NewFrom([]WorkerSpec[int, int]{
+				{Func: sleeper(2 * time.Millisecond)},
+				{Func: sleeper(2 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
+				{Func: sleeper(time.Millisecond), Options: []WorkerOption{WithWeight(2)}},
+			})
+			require.NoError(t, err)
+			defer b.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			var wg sync.WaitGroup
+			for range 8 { // more callers than slots: every slot stays busy
+				wg.Go(func() {
+					for ctx.Err() == nil {
+						b.Do(ctx, 0)
+					}
+				})
+			}
+			wg.Wait()
+			var got []uint64
+			for _, w := range b.Stats().Workers {
+				got = append(got, w.Completed)
+			}
+			assert.InDeltaSlice(t, []uint64{500, 1000, 1000}, got, 2, "requests per worker in 1 s")
+		})
+	})
+	t.Run("light load", func(t *testing.T) {
+		for _, tt := range []struct {
+			name   string
+			weight float64
+			want   []int
+		}{
+			{"weights equal", 1, []int{0, 1, 0, 1}},
+			{"weight 2", 2, []int{1, 1, 1, 1}},
+		} {
+			t.Run(tt.name, func(t *testing.T) {
+				synctest.Test(t, func(t *testing.T) {
+					b := mustNew(t, 1, sleeper(2*time.Millisecond))
+					defer b.Close()
+					_, err := b.AddWorker(sleeper(time.Millisecond), WithWeight(tt.weight))
+					require.NoError(t, err)
+					var got []int
+					for range 4 {
+						c, err := b.Submit(context.Background(), 0)
+						require.NoError(t, err)
+						got = append(got, (<-c).Worker)
+						time.Sleep(10 * time.Millisecond) // the next request arrives later, both workers idle
+					}
+					assert.Equal(t, tt.want, got)
+				})
+			})
+		}
+	})
+}
+
+// A worker of concurrency 3 loses only the slot of a request that panics
+// or calls Goexit, for that request only; RemoveWorker waits for all its
+// slots to drain, and Shutdown cancels every running slot.
+func TestSlotsFailAndStopAlone(t *testing.T) {
+	fn := func(ctx context.Context, i int) (int, error) {
+		switch i {
+		case -1:
+			panic("slot")
+		case -2:
+			runtime.Goexit()
+		case 0:
+			return 0, nil
+		}
+		<-ctx.Done() // i > 0: runs until cancelled
+		return i, ctx.Err()
+	}
+	t.Run("panic and Goexit free one slot each", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 1, fn, WithConcurrency(3))
+			defer b.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			blocked, err := b.Submit(ctx, 1) // holds one slot throughout
+			require.NoError(t, err)
+			for range 5 {
+				_, err := b.Do(context.Background(), -1)
+				var pe *PanicError
+				assert.ErrorAs(t, err, &pe)
+				_, err = b.Do(context.Background(), -2)
+				assert.ErrorIs(t, err, ErrGoexit)
+			}
+			synctest.Wait()
+			assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 1, Running: 1, Completed: 10, Failed: 10, Panics: 5, Weight: 1}, withoutService(b.Stats().Workers[0]))
+			// Both free slots still serve, at once.
+			var cs []<-chan Result[int, int]
+			for i := range 2 {
+				c, err := b.Submit(ctx, 2+i)
+				require.NoError(t, err)
+				cs = append(cs, c)
+			}
+			synctest.Wait()
+			running, _ := loads(b)
+			assert.Equal(t, []int{3}, running)
+			cancel()
+			for _, c := range append(cs, blocked) {
+				assert.ErrorIs(t, (<-c).Err, context.Canceled)
+			}
+		})
+	})
+	t.Run("RemoveWorker drains every slot", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 1, fn, WithConcurrency(3), WithQueueDepth(2))
+			defer b.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			var cs []<-chan Result[int, int]
+			for i := range 6 {
+				c, err := b.Submit(ctx, 1+i)
+				require.NoError(t, err)
+				cs = append(cs, c)
+			}
+			removed := make(chan error, 1)
+			go func() { removed <- b.RemoveWorker(context.Background(), 0) }()
+			synctest.Wait()
+			assert.Empty(t, removed, "three run, three wait")
+			cancel()
+			assert.NoError(t, <-removed)
+			for _, c := range cs {
+				assert.ErrorIs(t, (<-c).Err, context.Canceled)
+			}
+			assert.Empty(t, b.Stats().Workers)
+		})
+	})
+	t.Run("Shutdown cancels every running slot", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 2, fn, WithConcurrency(3))
+			var cs []<-chan Result[int, int]
+			for i := range 6 {
+				c, err := b.Submit(context.Background(), 1+i)
+				require.NoError(t, err)
+				cs = append(cs, c)
+			}
+			synctest.Wait()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			assert.ErrorIs(t, b.Shutdown(ctx), context.DeadlineExceeded)
+			for _, c := range cs {
+				assert.ErrorIs(t, (<-c).Err, context.Canceled)
+			}
+			require.NoError(t, b.Close(), "waits for all six slots' goroutines")
+		})
+	})
+}
+
+// withoutService zeroes the one figure that depends on timing.
+func withoutService(w WorkerStats) WorkerStats {
+	w.MeanService = 0
+	return w
+}
+
 // 7. FanIn.
 func TestFanIn(t *testing.T) {
 	ctx := context.Background()
@@ -655,25 +972,51 @@ func TestBadInput(t *testing.T) {
 		workers int
 		fn      Func[int, int]
 		opts    []Option
+		names   string // what the message must name
 	}{
-		{"negative workers", -1, square, nil},
-		{"nil func", 1, nil, nil},
-		{"depth zero", 1, square, []Option{WithQueueDepth(0)}},
-		{"negative depth", 1, square, []Option{WithQueueDepth(-3)}},
-		{"depth too large", 1, square, []Option{WithQueueDepth(MaxQueueDepth + 1)}},
+		{"negative workers", -1, square, nil, "-1 workers"},
+		{"nil func", 1, nil, nil, "nil Func"},
+		{"depth zero", 1, square, []Option{WithQueueDepth(0)}, "depth 0"},
+		{"negative depth", 1, square, []Option{WithQueueDepth(-3)}, "depth -3"},
+		{"depth too large", 1, square, []Option{WithQueueDepth(MaxQueueDepth + 1)}, "depth 65537"},
+		{"concurrency zero", 1, square, []Option{WithConcurrency(0)}, "concurrency 0"},
+		{"negative concurrency", 1, square, []Option{WithConcurrency(-2)}, "concurrency -2"},
+		{"concurrency too large", 1, square, []Option{WithConcurrency(MaxConcurrency + 1)}, "concurrency 65537"},
+		{"concurrency × depth too large", 1, square, []Option{WithConcurrency(256), WithQueueDepth(257)}, "256 × queue depth 257"},
+		{"weight zero", 1, square, []Option{WithWeight(0)}, "weight 0"},
+		{"negative weight", 1, square, []Option{WithWeight(-1)}, "weight -1"},
+		{"weight NaN", 1, square, []Option{WithWeight(math.NaN())}, "weight NaN"},
+		{"weight infinite", 1, square, []Option{WithWeight(math.Inf(1))}, "weight +Inf"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			b, err := New(tt.workers, tt.fn, tt.opts...)
 			assert.ErrorIs(t, err, ErrInvalidArgument)
+			assert.ErrorContains(t, err, tt.names)
 			assert.Nil(t, b)
 		})
 	}
+	t.Run("NewFrom names the spec", func(t *testing.T) {
+		for _, spec := range []WorkerSpec[int, int]{
+			{},
+			{Func: square, Options: []WorkerOption{WithConcurrency(0)}},
+			{Func: square, Options: []WorkerOption{WithWeight(math.Inf(-1))}},
+		} {
+			b, err := NewFrom([]WorkerSpec[int, int]{{Func: square}, spec})
+			assert.ErrorIs(t, err, ErrInvalidArgument)
+			assert.ErrorContains(t, err, "worker 1")
+			assert.Nil(t, b)
+		}
+	})
 	b := mustNew(t, 1, square, nil, WithQueueDepth(MaxQueueDepth))
 	defer b.Close()
 	var nilCtx context.Context
 	_, err := b.AddWorker(nil)
 	assert.ErrorIs(t, err, ErrInvalidArgument)
+	for _, opt := range []WorkerOption{WithConcurrency(0), WithConcurrency(2), WithWeight(math.NaN())} {
+		_, err = b.AddWorker(square, opt) // concurrency 2 × depth MaxQueueDepth is too many
+		assert.ErrorIs(t, err, ErrInvalidArgument)
+	}
 	_, err = b.Do(nilCtx, 1)
 	assert.ErrorIs(t, err, ErrInvalidArgument)
 	_, err = b.Submit(nilCtx, 1)
@@ -1078,6 +1421,7 @@ func (st *stress) run(t *testing.T) {
 	if st.seed%2 == 0 { // every other round weighs workers by their speed, and holds back
 		opts = append(opts, WithLoadEstimate())
 	}
+	opts = append(opts, WithConcurrency(1+int(uint64(st.seed)/8%3))) // New's workers: 1 to 3
 	b, err := New(8, st.fn, opts...)
 	require.NoError(t, err)
 	var wg sync.WaitGroup
@@ -1155,7 +1499,9 @@ func (st *stress) churn(t *testing.T, b *Balancer[int, int]) {
 	ids := []int{0, 1, 2, 3, 4, 5, 6, 7}
 	for st.next.Load() < int64(st.requests) {
 		for _, w := range b.Stats().Workers {
-			assert.LessOrEqual(t, w.Pending, st.depth, "worker %d over its queue depth", w.ID)
+			assert.LessOrEqual(t, w.Pending, w.Concurrency*st.depth, "worker %d over its limit", w.ID)
+			assert.LessOrEqual(t, w.Running, w.Concurrency, "worker %d runs too many", w.ID)
+			assert.True(t, w.Running >= 0 && w.Queued >= 0, "worker %d: %+v", w.ID, w)
 		}
 		if len(ids) > 1 && rng.IntN(2) == 0 {
 			k := rng.IntN(len(ids))
@@ -1170,7 +1516,7 @@ func (st *stress) churn(t *testing.T, b *Balancer[int, int]) {
 			}
 			ids = append(ids[:k], ids[k+1:]...)
 		} else {
-			id, err := b.AddWorker(st.fn, WithWeight(float64(1+rng.IntN(3))))
+			id, err := b.AddWorker(st.fn, WithWeight(float64(1+rng.IntN(3))), WithConcurrency(1+rng.IntN(4)))
 			if errors.Is(err, ErrClosed) {
 				return
 			}
@@ -1341,9 +1687,10 @@ func TestMisuse(t *testing.T) {
 
 // FuzzPool drives the heap the way the loop does, with random dispatches,
 // completions, additions and removals, with and without load estimates,
-// and checks its invariants after every step: heap order, each worker's
-// index equal to its slot, each slot's cost current, pending within
-// [0, depth], and the root the cheapest worker.
+// on workers of concurrency 1 to 3 and weights 1 to 4, and checks its
+// invariants after every step: heap order, each worker's index equal to
+// its slot, each slot's cost current, pending within [0, concurrency ×
+// depth], and the root the cheapest worker.
 func FuzzPool(f *testing.F) {
 	f.Add([]byte{0, 0, 0, 0, 0, 0, 1, 2, 0, 0})
 	f.Add([]byte{2, 0, 2, 0, 0, 0, 3, 1, 0, 0, 1, 0, 3, 0})
@@ -1366,7 +1713,7 @@ func FuzzPool(f *testing.F) {
 				}
 			case 2:
 				if h.p.Len() < 64 {
-					h.add(float64(1 + arg%4))
+					h.addWorker(workerOptions{concurrency: 1 + arg%3, weight: float64(1 + arg/3%4)})
 				}
 			case 3:
 				if h.p.Len() == 0 {
@@ -1376,7 +1723,7 @@ func FuzzPool(f *testing.F) {
 			}
 			checkHeap(t, &h.p)
 			for _, s := range h.p.slots {
-				require.True(t, s.w.pending >= 0 && s.w.pending <= h.b.depth, "pending %d", s.w.pending)
+				require.True(t, s.w.pending >= 0 && s.w.pending <= s.w.limit, "pending %d", s.w.pending)
 			}
 		}
 	})
