@@ -24,10 +24,16 @@ type dispatcher interface {
 // running fn(i). depth is the per-worker queue capacity where the
 // dispatcher has one.
 func newDispatcher(b *testing.B, name string, workers, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
+	return newDispatcherOf(b, name, workers, 1, depth, fn)
+}
+
+// newDispatcherOf is newDispatcher with workers of the given concurrency;
+// the baselines get that many goroutines per worker queue.
+func newDispatcherOf(b *testing.B, name string, workers, concurrency, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
 	b.Helper()
 	switch name {
 	case "balancer", "estimate":
-		opts := []balancer.Option{balancer.WithQueueDepth(depth)}
+		opts := []balancer.Option{balancer.WithQueueDepth(depth), balancer.WithConcurrency(concurrency)}
 		if name == "estimate" {
 			opts = append(opts, balancer.WithLoadEstimate())
 		}
@@ -42,13 +48,13 @@ func newDispatcher(b *testing.B, name string, workers, depth int, fn func(i int)
 		}
 		return d
 	case "shared":
-		return newSharedPool(workers, fn)
+		return newSharedPool(workers, concurrency, fn)
 	case "roundrobin":
-		return newQueuePool(workers, depth, fn, func(p *queuePool) int {
+		return newQueuePool(workers, concurrency, depth, fn, func(p *queuePool) int {
 			return int(p.next.Add(1) % uint64(len(p.queues)))
 		})
 	case "random":
-		return newQueuePool(workers, depth, fn, func(p *queuePool) int {
+		return newQueuePool(workers, concurrency, depth, fn, func(p *queuePool) int {
 			return rand.IntN(len(p.queues))
 		})
 	}
@@ -76,10 +82,12 @@ type sharedPool struct {
 	wg   sync.WaitGroup
 }
 
-func newSharedPool(workers int, fn func(i int) balancer.Func[int, int]) *sharedPool {
+// newSharedPool starts concurrency goroutines running fn(i) for each
+// worker i.
+func newSharedPool(workers, concurrency int, fn func(i int) balancer.Func[int, int]) *sharedPool {
 	p := &sharedPool{jobs: make(chan job)}
-	for i := range workers {
-		f := fn(i)
+	for i := range workers * concurrency {
+		f := fn(i / concurrency)
 		p.wg.Go(func() {
 			for j := range p.jobs {
 				v, err := f(j.ctx, j.req)
@@ -113,18 +121,22 @@ type queuePool struct {
 	wg     sync.WaitGroup
 }
 
-func newQueuePool(workers, depth int, fn func(i int) balancer.Func[int, int], pick func(*queuePool) int) *queuePool {
+// newQueuePool gives worker i a queue of concurrency × depth jobs served
+// by concurrency goroutines running fn(i).
+func newQueuePool(workers, concurrency, depth int, fn func(i int) balancer.Func[int, int], pick func(*queuePool) int) *queuePool {
 	p := &queuePool{queues: make([]chan job, workers), pick: pick}
 	for i := range p.queues {
-		q := make(chan job, depth)
+		q := make(chan job, concurrency*depth)
 		p.queues[i] = q
 		f := fn(i)
-		p.wg.Go(func() {
-			for j := range q {
-				v, err := f(j.ctx, j.req)
-				j.reply <- jobResult{v, err}
-			}
-		})
+		for range concurrency {
+			p.wg.Go(func() {
+				for j := range q {
+					v, err := f(j.ctx, j.req)
+					j.reply <- jobResult{v, err}
+				}
+			})
+		}
 	}
 	return p
 }
@@ -150,8 +162,17 @@ func trivial(ctx context.Context, x int) (int, error) { return x + 1, nil }
 func allTrivial(int) balancer.Func[int, int] { return trivial }
 
 // BenchmarkDo measures the cost of one request with a trivial Func: the
-// dispatch overhead. callers goroutines share b.N requests.
+// dispatch overhead. callers goroutines share b.N requests. The
+// "workers=1,concurrency=8" rows run one worker of concurrency 8, to compare with
+// eight workers of concurrency 1.
 func BenchmarkDo(b *testing.B) {
+	for _, callers := range []int{1, 8, 64} {
+		b.Run(fmt.Sprintf("balancer/workers=1,concurrency=8/depth=1/callers=%d", callers), func(b *testing.B) {
+			d := newDispatcherOf(b, "balancer", 1, 8, 1, allTrivial)
+			defer d.Close()
+			benchCallers(b, d, callers)
+		})
+	}
 	for _, workers := range []int{8, 4096} {
 		for _, depth := range []int{balancer.DefaultQueueDepth, 4} {
 			for _, callers := range []int{1, 8, 64} {

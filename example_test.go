@@ -132,15 +132,22 @@ func ExampleFanIn() {
 
 // Example_reverseProxy puts the balancer in front of real HTTP services: a
 // least-loaded reverse proxy over three backends of different speeds, each
-// fronted by one worker. WithLoadEstimate sends each request where it is
-// expected to finish first, so the fast backend serves the most. A backend
-// is removed while requests are in flight (none fails) and added back.
+// of which serves four requests at once. Each backend is one worker of
+// concurrency 4, whose Func forwards over a transport of four connections,
+// so the balancer compares backends, not connections. WithLoadEstimate
+// sends each request where it is expected to finish first, so the fast
+// backend serves the most. A backend is removed while requests are in
+// flight (none fails) and added back.
 func Example_reverseProxy() {
+	const perBackend = 4 // requests each backend serves at once
 	delays := []time.Duration{time.Millisecond, 4 * time.Millisecond, 16 * time.Millisecond}
 	var served [3]atomic.Int64
 	var urls []*url.URL
 	for i, delay := range delays {
+		slots := make(chan struct{}, perBackend)
 		backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			slots <- struct{}{} // a fifth request would wait here: the balancer never sends one
+			defer func() { <-slots }()
 			time.Sleep(delay)
 			served[i].Add(1)
 			fmt.Fprint(w, "ok")
@@ -155,20 +162,32 @@ func Example_reverseProxy() {
 		w http.ResponseWriter
 		r *http.Request
 	}
-	transport := &http.Transport{}
-	defer transport.CloseIdleConnections()
-	forwardTo := func(u *url.URL) balancer.Func[exchange, struct{}] {
+	var transports []*http.Transport
+	defer func() {
+		for _, t := range transports {
+			t.CloseIdleConnections()
+		}
+	}()
+	backend := func(u *url.URL) balancer.WorkerSpec[exchange, struct{}] {
+		transport := &http.Transport{MaxConnsPerHost: perBackend, MaxIdleConnsPerHost: perBackend}
+		transports = append(transports, transport)
 		proxy := httputil.NewSingleHostReverseProxy(u)
 		proxy.Transport = transport
-		return func(ctx context.Context, x exchange) (struct{}, error) {
-			proxy.ServeHTTP(x.w, x.r)
-			return struct{}{}, nil
+		return balancer.WorkerSpec[exchange, struct{}]{
+			Func: func(ctx context.Context, x exchange) (struct{}, error) {
+				proxy.ServeHTTP(x.w, x.r)
+				return struct{}{}, nil
+			},
+			Options: []balancer.WorkerOption{balancer.WithConcurrency(perBackend)},
 		}
 	}
-	lb, _ := balancer.New(1, forwardTo(urls[0]), balancer.WithQueueDepth(1), balancer.WithLoadEstimate())
+	lb, err := balancer.NewFrom([]balancer.WorkerSpec[exchange, struct{}]{
+		backend(urls[0]), backend(urls[1]), backend(urls[2]), // IDs 0, 1, 2
+	}, balancer.WithLoadEstimate())
+	if err != nil {
+		panic(err)
+	}
 	defer lb.Close()
-	lb.AddWorker(forwardTo(urls[1])) // ID 1
-	lb.AddWorker(forwardTo(urls[2])) // ID 2
 
 	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		done, err := lb.Submit(r.Context(), exchange{w, r})
@@ -180,15 +199,15 @@ func Example_reverseProxy() {
 	}))
 	defer front.Close()
 
-	client := &http.Client{Transport: &http.Transport{}}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16}}
 	defer client.CloseIdleConnections()
-	// send makes n requests from 8 concurrent clients and counts failures.
+	// send makes n requests from 16 concurrent clients and counts failures.
 	send := func(n int) int64 {
 		var failed atomic.Int64
 		var wg sync.WaitGroup
-		for range 8 {
+		for range 16 {
 			wg.Go(func() {
-				for range n / 8 {
+				for range n / 16 {
 					resp, err := client.Get(front.URL)
 					if err != nil || resp.StatusCode != http.StatusOK {
 						failed.Add(1)
@@ -203,22 +222,23 @@ func Example_reverseProxy() {
 		return failed.Load()
 	}
 
-	send(240)
+	send(480)
 	fmt.Println("fast served more than medium:", served[0].Load() > served[1].Load())
 	fmt.Println("medium served more than slow:", served[1].Load() > served[2].Load())
 
 	// Remove the medium backend while requests flow, then add it back.
 	flowing := make(chan int64)
-	go func() { flowing <- send(160) }()
-	for served[0].Load()+served[1].Load()+served[2].Load() < 260 {
+	go func() { flowing <- send(320) }()
+	for served[0].Load()+served[1].Load()+served[2].Load() < 520 {
 		time.Sleep(time.Millisecond) // wait until the second batch is under way
 	}
 	lb.RemoveWorker(context.Background(), 1)
 	fmt.Println("requests failed while a backend was removed:", <-flowing)
 
 	before := served[1].Load()
-	id, _ := lb.AddWorker(forwardTo(urls[1]))
-	send(80)
+	spec := backend(urls[1])
+	id, _ := lb.AddWorker(spec.Func, spec.Options...)
+	send(160)
 	fmt.Println("re-added backend", id, "served requests:", served[1].Load() > before)
 	// Output:
 	// fast served more than medium: true
