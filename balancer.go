@@ -1,17 +1,18 @@
 // Package balancer dispatches requests to a set of workers so that each
 // request goes to the worker with the fewest requests pending (queued or
-// running). Among equally loaded workers the one that has waited longest
-// since its last request wins, so light load spreads over all of them.
-// [WithWeight] and [WithLoadEstimate] weigh each worker's count by its
-// known or measured speed.
+// running) per request it can run at once. Among equally loaded workers
+// the one that has waited longest since its last request wins, so light
+// load spreads over all of them. [WithWeight] and [WithLoadEstimate] weigh
+// each worker's load by its known or measured speed.
 //
 // A [Balancer] is a worker pool with a scheduler in front: like a pool it
-// runs a fixed [Func] per worker on its own goroutine, but each worker has a
+// runs a [Func] per worker on goroutines of its own, but each worker has a
 // short queue of its own and one select loop keeps the workers in a heap
-// ordered by load. Workers can front anything with a capacity of its own (a
-// connection, a GPU, a remote backend), and can be added and removed while
-// requests flow. [FanIn] merges the result channels that [Balancer.Submit]
-// returns.
+// ordered by load. A worker is the unit a caller has, a connection, a GPU
+// or a remote backend: [WithConcurrency] says how many requests it serves
+// at once, and [NewFrom] builds a balancer of workers that differ. Workers
+// can be added and removed while requests flow. [FanIn] merges the result
+// channels that [Balancer.Submit] returns.
 //
 // Every request the balancer accepts gets exactly one outcome: its result,
 // or an error saying why it did not run. Close and Shutdown stop every

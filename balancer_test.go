@@ -899,6 +899,82 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 	})
 }
 
+// Hold-back counts slots: a full worker of concurrency c frees slots c
+// times as often. Fast runs 2 at once in 10 ms each, slow 1 in 60 ms. With
+// fast full, waiting for it takes (k + 2) / (2 per 10 ms) for the k-th
+// caller, so callers are held until 2 × that reaches slow's 60 ms: the
+// fourth caller sends one to slow.
+func TestHoldBackCountsSlots(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		sleeper := func(d time.Duration) Func[int, int] {
+			return func(ctx context.Context, i int) (int, error) {
+				time.Sleep(d)
+				return i, nil
+			}
+		}
+		b, err := NewFrom([]WorkerSpec[int, int]{
+			{Func: sleeper(10 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
+			{Func: sleeper(60 * time.Millisecond)},
+		}, WithLoadEstimate())
+		require.NoError(t, err)
+		defer b.Close()
+		var cs []<-chan Result[int, int]
+		submit := func(i int) {
+			t.Helper()
+			c := make(chan Result[int, int], 1)
+			go func() { // Submit itself waits while the request is held
+				r, err := b.Submit(context.Background(), i)
+				if assert.NoError(t, err) {
+					c <- <-r
+				}
+			}()
+			synctest.Wait()
+			cs = append(cs, c)
+		}
+		for i := range 3 { // both are new, so both are tried
+			submit(i)
+		}
+		for _, c := range cs {
+			<-c
+		}
+		synctest.Wait()
+		require.Equal(t, []time.Duration{10 * time.Millisecond, 60 * time.Millisecond},
+			[]time.Duration{b.Stats().Workers[0].MeanService, b.Stats().Workers[1].MeanService})
+
+		cs = nil
+		submit(3)
+		submit(4)
+		assert.Equal(t, []int{2, 0}, pendings(b), "fast is full")
+		for k := 1; k <= 3; k++ {
+			submit(4 + k)
+			assert.Equal(t, []int{2, 0}, pendings(b), "%d callers held", k)
+			assert.Equal(t, k, b.Stats().Waiting)
+		}
+		submit(8)
+		assert.Equal(t, []int{2, 1}, pendings(b), "the fourth caller sent one to slow")
+		assert.Equal(t, 3, b.Stats().Waiting)
+		for _, c := range cs {
+			assert.NoError(t, (<-c).Err)
+		}
+	})
+}
+
+// WorkerOptions given to New set every worker's defaults, AddWorker's too,
+// and a worker's own options override them.
+func TestWorkerOptionsGivenToNewAreDefaults(t *testing.T) {
+	b := mustNew(t, 1, square, WithConcurrency(3), WithWeight(2))
+	defer b.Close()
+	_, err := b.AddWorker(square)
+	require.NoError(t, err)
+	_, err = b.AddWorker(square, WithConcurrency(1))
+	require.NoError(t, err)
+	var got [][2]float64
+	for _, w := range b.Stats().Workers {
+		got = append(got, [2]float64{float64(w.Concurrency), w.Weight})
+	}
+	assert.Equal(t, [][2]float64{{3, 2}, {3, 2}, {1, 2}}, got)
+}
+
 // withoutService zeroes the one figure that depends on timing.
 func withoutService(w WorkerStats) WorkerStats {
 	w.MeanService = 0

@@ -34,6 +34,99 @@ func ExampleNew() {
 	// Output: HELLO, BALANCER <nil>
 }
 
+// ExampleNewFrom builds a balancer of workers that differ: a GPU that runs
+// four jobs at once and a CPU fallback that runs one, at a quarter of the
+// speed of a GPU slot. Jobs go to the GPU while it has a free slot (its
+// cost is at most 4/4 against the idle CPU's 1/0.25); at the default queue
+// depth nothing queues behind a busy slot, so the fifth job goes to the
+// CPU.
+func ExampleNewFrom() {
+	started, release := make(chan struct{}), make(chan struct{})
+	gpu := func(ctx context.Context, job string) (string, error) {
+		started <- struct{}{}
+		<-release
+		return "gpu: " + job, nil
+	}
+	cpu := func(ctx context.Context, job string) (string, error) { return "cpu: " + job, nil }
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[string, string]{
+		{Func: gpu, Options: []balancer.WorkerOption{balancer.WithConcurrency(4)}},
+		{Func: cpu, Options: []balancer.WorkerOption{balancer.WithWeight(0.25)}},
+	})
+	if err != nil {
+		panic(err)
+	}
+	defer b.Close()
+	for _, w := range b.Stats().Workers {
+		fmt.Printf("worker %d: concurrency %d, weight %v\n", w.ID, w.Concurrency, w.Weight)
+	}
+
+	ctx := context.Background()
+	var jobs []<-chan balancer.Result[string, string]
+	for i := range 4 {
+		c, _ := b.Submit(ctx, fmt.Sprint("job ", i))
+		jobs = append(jobs, c)
+		<-started
+	}
+	s, _ := b.Do(ctx, "job 4") // the GPU is full
+	fmt.Println(s)
+	close(release)
+	for _, c := range jobs {
+		fmt.Println((<-c).Value)
+	}
+	// Output:
+	// worker 0: concurrency 4, weight 1
+	// worker 1: concurrency 1, weight 0.25
+	// cpu: job 4
+	// gpu: job 0
+	// gpu: job 1
+	// gpu: job 2
+	// gpu: job 3
+}
+
+// ExampleWithConcurrency gives one worker the capacity of the resource it
+// fronts: a database that allows three connections. The worker runs three
+// queries at once, never a fourth, and Stats shows its slots in use.
+func ExampleWithConcurrency() {
+	conns := make(chan int, 3) // the database's connections
+	for i := range 3 {
+		conns <- i
+	}
+	started, release := make(chan struct{}), make(chan struct{})
+	query := func(ctx context.Context, q string) (string, error) {
+		c := <-conns // never waits: at most three queries run at once
+		defer func() { conns <- c }()
+		started <- struct{}{}
+		<-release
+		return "rows for " + q, nil
+	}
+	b, err := balancer.New(1, query, balancer.WithConcurrency(3))
+	if err != nil {
+		panic(err)
+	}
+	defer b.Close()
+
+	var results []<-chan balancer.Result[string, string]
+	for _, q := range []string{"a", "b", "c"} {
+		c, _ := b.Submit(context.Background(), q)
+		results = append(results, c)
+		<-started
+	}
+	w := b.Stats().Workers[0]
+	fmt.Println("running", w.Running, "of", w.Concurrency, "queued", w.Queued)
+	_, ok := b.TrySubmit("d")
+	fmt.Println("a fourth accepted at once:", ok)
+	close(release)
+	for _, c := range results {
+		fmt.Println((<-c).Value)
+	}
+	// Output:
+	// running 3 of 3 queued 0
+	// a fourth accepted at once: false
+	// rows for a
+	// rows for b
+	// rows for c
+}
+
 // ExampleBalancer_Submit is the scenario of the talk's sketch made sound:
 // two workers square ten numbers, and FanIn merges the ten result channels.
 func ExampleBalancer_Submit() {

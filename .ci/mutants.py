@@ -18,6 +18,14 @@ muts = {
  "waiting callers do not nudge a hold": ("balancer.go", "\tif b.holding.Load() {\n", "\tif false {\n"),
  "hold ignores the callers waiting": ("balancer.go", "k := max(waiting, 1)", "k := int64(1)"),
  "busy workers never uncounted": ("balancer.go", "\tif w.rate == 0 {\n\t\treturn\n\t}\n\tb.busy--", "\tif true {\n\t\treturn\n\t}\n\tb.busy--"),
+ "cost ignores concurrency": ("worker.go", "unit:        1 / (float64(o.concurrency) * o.weight),", "unit:        1 / o.weight,"),
+ "limit ignores concurrency": ("worker.go", "limit := o.concurrency * b.depth", "limit := b.depth"),
+ "one goroutine per worker": ("worker.go", "\tw.live.Store(int64(w.concurrency))\n\tw.b.wg.Add(w.concurrency)\n\tfor i := range w.concurrency {", "\tw.live.Store(1)\n\tw.b.wg.Add(1)\n\tfor i := range 1 {"),
+ "estimate ignores free slots": ("worker.go", "n := max(w.pending+1, w.concurrency)", "n := w.pending + 1"),
+ "busy rate ignores concurrency": ("balancer.go", "w.rate = float64(w.concurrency) / float64(s)", "w.rate = 1 / float64(s)"),
+ "hold counts one request per busy worker": ("balancer.go", "b.busyHeld += w.limit\n", "b.busyHeld += b.depth\n"),
+ "concurrency not checked": ("balancer.go", "\tcase o.concurrency < 1 || o.concurrency > MaxConcurrency:", "\tcase false:"),
+ "AddWorker ignores New's worker options": ("balancer.go", "o := b.defaults.with(opts)", "o := defaultOptions().worker.with(opts)"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
