@@ -242,8 +242,10 @@ func BenchmarkSubmit(b *testing.B) {
 // when requests arrive on their own schedule (open loop, Poisson arrivals)
 // at 70 % and 90 % of the workers' capacity. Service times are whole
 // milliseconds (time.Sleep is about that coarse here), geometric with mean
-// 2 ms; in the "slow" case workers 6 and 7 are 4x slower. "estimate" is
-// the balancer with WithLoadEstimate. One op is one
+// 2 ms. "even" is eight equal workers; "slow" makes two of them 4x
+// slower; "cap4" is four workers of concurrency 4 (sixteen slots), one of
+// them 4x slower, where the baselines get four goroutines per worker.
+// "estimate" is the balancer with WithLoadEstimate. One op is one
 // experiment of balanceRequests requests; latency is from the scheduled
 // arrival to the result, reported as p50, p99 and p99.9 in ms. Run with
 // -benchtime=1x.
@@ -256,13 +258,13 @@ func BenchmarkBalance(b *testing.B) {
 		{"estimate", 1}, {"estimate", 4},
 		{"shared", 1}, {"roundrobin", 1}, {"random", 1},
 	}
-	for _, workers := range []string{"even", "slow"} {
+	for _, f := range fleets {
 		for _, load := range []float64{0.7, 0.9} {
 			for _, d := range dispatchers {
-				b.Run(fmt.Sprintf("workers=%s/load=%.1f/%s/depth=%d", workers, load, d.name, d.depth), func(b *testing.B) {
+				b.Run(fmt.Sprintf("workers=%s/load=%.1f/%s/depth=%d", f.name, load, d.name, d.depth), func(b *testing.B) {
 					var lat []time.Duration
 					for range b.N {
-						lat = append(lat, openLoop(b, d.name, d.depth, workers == "slow", load)...)
+						lat = append(lat, openLoop(b, d.name, d.depth, f, load)...)
 					}
 					slices.Sort(lat)
 					for _, q := range []struct {
@@ -277,33 +279,47 @@ func BenchmarkBalance(b *testing.B) {
 	}
 }
 
+// fleet describes the workers of a balance experiment: the last slow of
+// them take factor times as long.
+type fleet struct {
+	name                 string
+	workers, concurrency int
+	slow, factor         int
+}
+
+var fleets = []fleet{
+	{name: "even", workers: 8, concurrency: 1},
+	{name: "slow", workers: 8, concurrency: 1, slow: 2, factor: 4},
+	{name: "cap4", workers: 4, concurrency: 4, slow: 1, factor: 4},
+}
+
+func (f fleet) slowdown(i int) int {
+	if i >= f.workers-f.slow {
+		return f.factor
+	}
+	return 1
+}
+
 const (
-	balanceWorkers  = 8
 	balanceRequests = 2000
 	meanService     = 2 * time.Millisecond
 )
 
 // openLoop runs one open-loop experiment and returns each request's latency.
-func openLoop(b *testing.B, name string, depth int, slow bool, load float64) []time.Duration {
-	slowdown := func(i int) int {
-		if slow && i >= balanceWorkers-2 {
-			return 4
-		}
-		return 1
-	}
+func openLoop(b *testing.B, name string, depth int, f fleet, load float64) []time.Duration {
 	sleeper := func(i int) balancer.Func[int, int] {
 		return func(ctx context.Context, ms int) (int, error) {
-			time.Sleep(time.Duration(ms*slowdown(i)) * time.Millisecond)
+			time.Sleep(time.Duration(ms*f.slowdown(i)) * time.Millisecond)
 			return ms, nil
 		}
 	}
 	var capacity float64 // requests per second
-	for i := range balanceWorkers {
-		capacity += 1 / (meanService.Seconds()*float64(slowdown(i)) + sleepOvershoot().Seconds())
+	for i := range f.workers {
+		capacity += float64(f.concurrency) / (meanService.Seconds()*float64(f.slowdown(i)) + sleepOvershoot().Seconds())
 	}
 	rate := load * capacity
 
-	d := newDispatcher(b, name, balanceWorkers, depth, sleeper)
+	d := newDispatcherOf(b, name, f.workers, f.concurrency, depth, sleeper)
 	defer d.Close()
 	rng := rand.New(rand.NewPCG(1, 2)) // the same arrivals and service times for every dispatcher
 	lat := make([]time.Duration, balanceRequests)
