@@ -254,7 +254,7 @@ type WorkerStats struct {
 	// worker (see WithLoadEstimate for how it moves); 0 before it first
 	// ran. It is kept with or without WithLoadEstimate.
 	MeanService time.Duration
-	Weight      float64 // as given to AddWorker; 1 for New's workers
+	Weight      float64 // as given by WithWeight; 1 by default
 	Removed     bool    // RemoveWorker was called; it is finishing its queue
 }
 
