@@ -30,7 +30,9 @@ import (
 )
 
 // Func is the work a worker does for one request. ctx is the request's
-// context, also cancelled if [Balancer.Shutdown] gives up waiting.
+// context, also cancelled if [Balancer.Shutdown] gives up waiting; then
+// context.Cause(ctx) is [ErrClosed], and otherwise the cause the caller's
+// context ended with.
 type Func[Req, Res any] func(ctx context.Context, req Req) (Res, error)
 
 // Result is the outcome of one request.
@@ -51,6 +53,8 @@ var (
 	// a queue depth, concurrency or weight out of range, a nil Func or a
 	// nil context.
 	ErrInvalidArgument = errors.New("balancer: invalid argument")
+	// ErrFull reports that TrySubmit found every worker full, or none.
+	ErrFull = errors.New("balancer: every worker is full")
 	// ErrUnknownWorker reports a worker ID that was never issued or whose
 	// worker was already removed.
 	ErrUnknownWorker = errors.New("balancer: unknown worker")
@@ -263,8 +267,8 @@ type Balancer[Req, Res any] struct {
 	quit     chan struct{}           // closed once, by the first Close or Shutdown
 	exited   chan struct{}           // closed by the loop as it returns
 	quitOnce sync.Once
-	abortCtx context.Context // cancelled when a Shutdown's ctx ends first
-	abort    context.CancelFunc
+	abortCtx context.Context // cancelled, with cause ErrClosed, when a Shutdown's ctx ends first
+	abort    context.CancelCauseFunc
 	wg       sync.WaitGroup // the worker goroutines
 	replies  sync.Pool      // chan Result[Req, Res] of capacity 1, for Do
 	accepted atomic.Uint64  // written by the loop
@@ -407,7 +411,7 @@ func start[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opts []Op
 		b.timer = time.NewTimer(time.Hour)
 		b.timer.Stop()
 	}
-	b.abortCtx, b.abort = context.WithCancel(context.Background())
+	b.abortCtx, b.abort = context.WithCancelCause(context.Background())
 	b.replies.New = func() any { return make(chan Result[Req, Res], 1) }
 	b.roster.Store(&roster[Req, Res]{})
 	for i, wo := range wos {
@@ -464,20 +468,36 @@ func (b *Balancer[Req, Res]) Submit(ctx context.Context, req Req) (<-chan Result
 	return reply, nil
 }
 
-// TrySubmit is Submit without waiting for capacity: it reports whether req
-// was accepted, which it is whenever some worker is below its limit of
-// concurrency × depth pending requests, slow or not (it never holds back).
-// It returns false if every worker is full, there are no workers, or Close
-// or Shutdown has begun. It waits only for the loop to answer, never for a
-// request to finish.
-func (b *Balancer[Req, Res]) TrySubmit(req Req) (<-chan Result[Req, Res], bool) {
-	reply := make(chan Result[Req, Res], 1)
-	r := request[Req, Res]{ctx: context.Background(), req: req, reply: reply}
-	rep, err := b.command(&command[Req, Res]{op: opTry, req: r})
-	if err != nil || !rep.ok {
-		return nil, false
+// TrySubmit is Submit without waiting for capacity, for load shedding: it
+// accepts req whenever some worker is below its limit of concurrency ×
+// depth pending requests, slow or not (it never holds back), and the
+// request then runs under ctx exactly as with Submit. Otherwise it returns
+// ErrFull: every worker is full or there are none. It also returns
+// ctx.Err() if ctx is already done, ErrClosed after Close or Shutdown
+// began, and ErrInvalidArgument for a nil ctx. It waits only for the loop
+// to answer, never for capacity or for a request to finish.
+func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Result[Req, Res], error) {
+	if ctx == nil {
+		return nil, errNilContext
 	}
-	return reply, true
+	select {
+	case <-b.quit:
+		return nil, ErrClosed
+	default:
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	reply := make(chan Result[Req, Res], 1)
+	r := request[Req, Res]{ctx: ctx, req: req, reply: reply}
+	rep, err := b.command(&command[Req, Res]{op: opTry, req: r})
+	switch {
+	case err != nil:
+		return nil, err
+	case !rep.ok:
+		return nil, ErrFull
+	}
+	return reply, nil
 }
 
 // AddWorker starts a worker running fn and returns its ID, which no other
@@ -499,18 +519,23 @@ func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res], opts ...WorkerOption) 
 }
 
 // RemoveWorker stops dispatching to worker id at once, lets it finish the
-// requests it has queued or running, and waits for its goroutine to end.
+// requests it has queued or running, and waits for its goroutines to end.
 // If ctx ends first it returns ctx.Err(), but the removal stands and the
 // worker still drains. Removing the last worker is allowed: requests then
 // wait for AddWorker. RemoveWorker returns an error wrapping
 // ErrUnknownWorker for an ID never issued or already removed, ErrClosed
 // after Close or Shutdown began, and ErrInvalidArgument for a nil ctx.
+//
+// Called from inside one of the balancer's own Funcs (a worker retiring
+// itself because its backend died, or another), RemoveWorker returns nil
+// as soon as the removal stands, without waiting: the wait could include
+// the caller, or a worker waiting for the caller's.
 func (b *Balancer[Req, Res]) RemoveWorker(ctx context.Context, id int) error {
 	if ctx == nil {
 		return errNilContext
 	}
 	rep, err := b.command(&command[Req, Res]{op: opRemove, id: id})
-	if err != nil {
+	if err != nil || b.inFunc() {
 		return err
 	}
 	for _, c := range []<-chan struct{}{rep.retired, rep.exited} {
@@ -538,9 +563,10 @@ func (b *Balancer[Req, Res]) Close() error {
 
 // Shutdown is Close with a bound on the wait. If ctx ends before the
 // accepted requests finish, Shutdown cancels the contexts of the requests
-// running, gives every request not yet started the outcome ErrClosed and
-// returns ctx.Err() without waiting for Funcs that ignore their ctx; a later
-// Close waits for them. Shutdown returns ErrInvalidArgument for a nil ctx.
+// running, with cause ErrClosed (see Func), gives every request not yet
+// started the outcome ErrClosed and returns ctx.Err() without waiting for
+// Funcs that ignore their ctx; a later Close waits for them. Shutdown
+// returns ErrInvalidArgument for a nil ctx.
 func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	if ctx == nil {
 		return errNilContext
@@ -555,14 +581,14 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	select {
 	case <-b.exited:
 	case <-ctx.Done():
-		b.abort()
+		b.abort(ErrClosed)
 		b.command(&command[Req, Res]{op: opAbort})
 		return ctx.Err()
 	}
 	// The loop has closed every worker's channel with nothing pending, so
 	// the workers are on their way out.
 	b.wg.Wait()
-	b.abort() // releases the context's resources; nothing is left to cancel
+	b.abort(ErrClosed) // releases the context's resources; nothing is left to cancel
 	return nil
 }
 
@@ -634,16 +660,17 @@ func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error)
 }
 
 // runContext returns the context a Func runs under: the request's, also
-// cancelled when Shutdown aborts. A request context that can never be done
-// and carries no values is replaced by abortCtx itself, which saves the
-// allocations of merging two contexts on the common path.
+// cancelled with cause ErrClosed when Shutdown aborts; if the request's own
+// context ends first, its cause stands. A request context that can never
+// be done and carries no values is replaced by abortCtx itself, which saves
+// the allocations of merging two contexts on the common path.
 func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	if ctx == context.Background() || ctx == context.TODO() {
 		return b.abortCtx, noop
 	}
-	ctx, cancel := context.WithCancel(ctx)
-	stop := context.AfterFunc(b.abortCtx, cancel)
-	return ctx, func() { stop(); cancel() }
+	ctx, cancel := context.WithCancelCause(ctx)
+	stop := context.AfterFunc(b.abortCtx, func() { cancel(ErrClosed) })
+	return ctx, func() { stop(); cancel(nil) }
 }
 
 // noop is runContext's CancelFunc when there is nothing to cancel. A

@@ -181,31 +181,63 @@ func TestSubmitWaitsForCapacityUntilCtxEnds(t *testing.T) {
 }
 
 func TestTrySubmit(t *testing.T) {
+	ctx := context.Background()
 	synctest.Test(t, func(t *testing.T) {
 		none := mustNew(t, 0, square)
-		_, ok := none.TrySubmit(1)
-		assert.False(t, ok, "no workers")
+		_, err := none.TrySubmit(ctx, 1)
+		assert.ErrorIs(t, err, ErrFull, "no workers")
 		require.NoError(t, none.Close())
 
 		g := newGates(3)
 		b := mustNew(t, 1, g.fn, WithQueueDepth(2))
-		c0, ok := b.TrySubmit(0)
-		assert.True(t, ok, "fresh idle balancer accepts")
-		c1, ok := b.TrySubmit(1)
-		assert.True(t, ok, "room for a second")
-		_, ok = b.TrySubmit(2)
-		assert.False(t, ok, "every worker at its depth")
+		c0, err := b.TrySubmit(ctx, 0)
+		assert.NoError(t, err, "fresh idle balancer accepts")
+		c1, err := b.TrySubmit(ctx, 1)
+		assert.NoError(t, err, "room for a second")
+		_, err = b.TrySubmit(ctx, 2)
+		assert.ErrorIs(t, err, ErrFull, "every worker at its depth")
 		g.open(0)
 		assert.Equal(t, 0, (<-c0).Value)
 		synctest.Wait()
-		c2, ok := b.TrySubmit(2)
-		assert.True(t, ok, "a slot freed")
+		c2, err := b.TrySubmit(ctx, 2)
+		assert.NoError(t, err, "a slot freed")
 		g.openAll()
 		assert.Equal(t, 1, (<-c1).Value)
 		assert.Equal(t, 2, (<-c2).Value)
 		require.NoError(t, b.Close())
-		_, ok = b.TrySubmit(3)
-		assert.False(t, ok, "closed")
+		_, err = b.TrySubmit(ctx, 3)
+		assert.ErrorIs(t, err, ErrClosed)
+	})
+	t.Run("the request's ctx reaches the Func", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			type key struct{}
+			started := make(chan string, 1)
+			b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+				started <- ctx.Value(key{}).(string)
+				<-ctx.Done()
+				return 0, context.Cause(ctx)
+			})
+			defer b.Close()
+			errGone := errors.New("client went away")
+			ctx, cancel := context.WithCancelCause(context.WithValue(context.Background(), key{}, "trace-42"))
+			c, err := b.TrySubmit(ctx, 1)
+			require.NoError(t, err)
+			assert.Equal(t, "trace-42", <-started)
+			cancel(errGone)
+			assert.ErrorIs(t, (<-c).Err, errGone)
+		})
+	})
+	t.Run("a done or nil ctx is refused", func(t *testing.T) {
+		b := mustNew(t, 1, square)
+		defer b.Close()
+		done, cancel := context.WithCancel(context.Background())
+		cancel()
+		_, err := b.TrySubmit(done, 1)
+		assert.ErrorIs(t, err, context.Canceled)
+		var nilCtx context.Context
+		_, err = b.TrySubmit(nilCtx, 1)
+		assert.ErrorIs(t, err, ErrInvalidArgument)
+		assert.Zero(t, b.Stats().Accepted)
 	})
 }
 
@@ -364,8 +396,8 @@ func TestCloseFinishesAcceptedAndRefusesNew(t *testing.T) {
 		assert.ErrorIs(t, err, ErrClosed)
 		_, err = b.Do(context.Background(), 9)
 		assert.ErrorIs(t, err, ErrClosed)
-		_, ok := b.TrySubmit(9)
-		assert.False(t, ok)
+		_, err = b.TrySubmit(context.Background(), 9)
+		assert.ErrorIs(t, err, ErrClosed)
 		_, err = b.AddWorker(square)
 		assert.ErrorIs(t, err, ErrClosed)
 		assert.ErrorIs(t, b.RemoveWorker(context.Background(), 0), ErrClosed)
@@ -682,8 +714,8 @@ func TestConcurrencyBoundsRunning(t *testing.T) {
 		synctest.Wait()
 		ws := b.Stats().Workers[0]
 		assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 6, Running: 3, Queued: 3, Weight: 1}, ws)
-		_, ok := b.TrySubmit(6)
-		assert.False(t, ok, "3 × 2 pending is the limit")
+		_, err := b.TrySubmit(context.Background(), 6)
+		assert.ErrorIs(t, err, ErrFull, "3 × 2 pending is the limit")
 		for range 3 {
 			release <- struct{}{}
 			synctest.Wait()
@@ -1386,8 +1418,8 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		// TrySubmit never holds back.
 		synctest.Wait()
 		busy = submit(9)
-		c, ok := b.TrySubmit(10)
-		require.True(t, ok)
+		c, err := b.TrySubmit(context.Background(), 10)
+		require.NoError(t, err)
 		assert.Equal(t, slow, (<-c).Worker)
 		<-busy
 	})
@@ -1683,6 +1715,87 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 	assert.Equal(t, failed, s.Failed, "failed")
 	assert.Equal(t, panics, s.Panics, "panics")
 	assert.Zero(t, s.Pending)
+}
+
+// Every method a Func may call on its own balancer returns: none waits for
+// the caller, or for a worker that waits for the caller.
+func TestMethodsCalledFromInsideAFunc(t *testing.T) {
+	ctx := context.Background()
+	t.Run("RemoveWorker of its own worker", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			b = mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+				return i, b.RemoveWorker(ctx, 0) // the backend died: retire
+			})
+			defer b.Close()
+			v, err := b.Do(ctx, 7)
+			assert.NoError(t, err, "returns nil once the removal stands")
+			assert.Equal(t, 7, v)
+			synctest.Wait()
+			assert.Empty(t, b.Stats().Workers, "retired once its Func returned")
+			_, err = b.TrySubmit(ctx, 8)
+			assert.ErrorIs(t, err, ErrFull, "no worker left")
+			assert.ErrorIs(t, b.RemoveWorker(ctx, 0), ErrUnknownWorker)
+		})
+	})
+	t.Run("RemoveWorker of a worker that waits for the caller", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			removed := make(chan struct{})
+			b = mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+				if i < 0 { // remove worker -i-1, which waits for this Func
+					defer close(removed)
+					return i, b.RemoveWorker(ctx, -i-1)
+				}
+				<-removed
+				return i, nil
+			})
+			defer b.Close()
+			waiter, err := b.Submit(ctx, 1) // on worker 0, waits for the removal
+			require.NoError(t, err)
+			remover, err := b.Submit(ctx, -1) // on worker 1, removes worker 0
+			require.NoError(t, err)
+			assert.Equal(t, Result[int, int]{Req: -1, Value: -1, Worker: 1}, <-remover)
+			assert.Equal(t, Result[int, int]{Req: 1, Value: 1, Worker: 0}, <-waiter, "worker 0 drained")
+			synctest.Wait()
+			ws := b.Stats().Workers
+			require.Len(t, ws, 1)
+			assert.Equal(t, 1, ws[0].ID)
+		})
+	})
+	t.Run("every other method", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			type outcome struct {
+				id   int
+				err  error
+				errs []error
+			}
+			got := make(chan outcome, 1)
+			b = mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+				if i > 0 {
+					return i, nil
+				}
+				var o outcome
+				o.id, o.err = b.AddWorker(square)
+				_, err := b.Do(ctx, 1) // the other worker is free
+				o.errs = append(o.errs, err)
+				c, err := b.TrySubmit(ctx, 2)
+				o.errs = append(o.errs, err, (<-c).Err)
+				c, err = b.Submit(ctx, 3)
+				o.errs = append(o.errs, err, (<-c).Err)
+				o.errs = append(o.errs, b.RemoveWorker(ctx, o.id))
+				_ = b.Stats()
+				got <- o
+				return i, nil
+			})
+			defer b.Close()
+			_, err := b.Do(ctx, 0)
+			require.NoError(t, err)
+			o := <-got
+			assert.Equal(t, outcome{id: 2, errs: make([]error, 6)}, o)
+		})
+	})
 }
 
 // Misuse that other pools hang or panic on.

@@ -113,15 +113,15 @@ func ExampleWithConcurrency() {
 	}
 	w := b.Stats().Workers[0]
 	fmt.Println("running", w.Running, "of", w.Concurrency, "queued", w.Queued)
-	_, ok := b.TrySubmit("d")
-	fmt.Println("a fourth accepted at once:", ok)
+	_, err = b.TrySubmit(context.Background(), "d")
+	fmt.Println("a fourth:", err)
 	close(release)
 	for _, c := range results {
 		fmt.Println((<-c).Value)
 	}
 	// Output:
 	// running 3 of 3 queued 0
-	// a fourth accepted at once: false
+	// a fourth: balancer: every worker is full
 	// rows for a
 	// rows for b
 	// rows for c
