@@ -1136,9 +1136,17 @@ func TestBadInput(t *testing.T) {
 	assert.Equal(t, 25, v)
 }
 
-// 9. Stats under concurrency (run with -race).
+// 9. Stats under concurrency (run with -race): at every instant each
+// worker's figures agree with its limits, and the totals with each other.
 func TestStatsIsConsistentUnderLoad(t *testing.T) {
-	b := mustNew(t, 4, square)
+	const depth = 2
+	b, err := NewFrom([]WorkerSpec[int, int]{
+		{Func: square},
+		{Func: square, Options: []WorkerOption{WithConcurrency(2)}},
+		{Func: square, Options: []WorkerOption{WithConcurrency(3)}},
+		{Func: square, Options: []WorkerOption{WithConcurrency(4)}},
+	}, WithQueueDepth(depth))
+	require.NoError(t, err)
 	stop := make(chan struct{})
 	var readers sync.WaitGroup
 	for range 2 {
@@ -1151,12 +1159,19 @@ func TestStatsIsConsistentUnderLoad(t *testing.T) {
 				}
 				s := b.Stats()
 				assert.GreaterOrEqual(t, s.Accepted, s.Completed)
-				assert.LessOrEqual(t, s.Pending, 4*DefaultQueueDepth)
+				assert.LessOrEqual(t, s.Pending, (1+2+3+4)*depth)
+				for _, w := range s.Workers {
+					if !assert.True(t, 0 <= w.Running && w.Running <= w.Concurrency &&
+						0 <= w.Queued && w.Pending == w.Running+w.Queued &&
+						w.Pending <= w.Concurrency*depth, "worker %+v", w) {
+						return
+					}
+				}
 			}
 		})
 	}
 	var wg sync.WaitGroup
-	for range 8 {
+	for range 16 {
 		wg.Go(func() {
 			for i := range 500 {
 				_, err := b.Do(context.Background(), i)
@@ -1169,12 +1184,12 @@ func TestStatsIsConsistentUnderLoad(t *testing.T) {
 	readers.Wait()
 	require.NoError(t, b.Close())
 	s := b.Stats()
-	assert.Equal(t, uint64(4000), s.Accepted)
-	assert.Equal(t, uint64(4000), s.Completed)
+	assert.Equal(t, uint64(8000), s.Accepted)
+	assert.Equal(t, uint64(8000), s.Completed)
 	var sum uint64
 	for _, w := range s.Workers {
 		sum += w.Completed
-		assert.Positive(t, w.Completed, "worker %d was used", w.ID)
+		assert.Zero(t, w.Pending+w.Running+w.Queued, "worker %d after Close", w.ID)
 	}
 	assert.Equal(t, s.Completed, sum)
 }
@@ -1349,15 +1364,16 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 
 // With load estimates, a request waits for a busy fast worker rather than
 // take a free slow one, unless enough callers wait behind it or the wait
-// outlasts the slow worker's expected time. Fast serves in 10 ms, slow in
-// 50 ms; request -1 makes fast stall until stall closes.
+// outlasts the slow worker's expected time, and this holds again after a
+// wait has run out once. Fast serves in 10 ms, slow in 50 ms; request -i
+// makes fast stall until stalls[i] closes.
 func TestEstimateWaitsForAFastWorker(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		stall := make(chan struct{})
+		stalls := []chan struct{}{nil, make(chan struct{}), make(chan struct{})}
 		sleeper := func(d time.Duration) Func[int, int] {
 			return func(ctx context.Context, i int) (int, error) {
 				if i < 0 {
-					<-stall
+					<-stalls[-i]
 				}
 				time.Sleep(d)
 				return i, nil
@@ -1412,7 +1428,28 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		start = time.Now()
 		assert.Equal(t, slow, (<-submit(8)).Worker)
 		assert.Equal(t, 100*time.Millisecond, time.Since(start), "50 ms held, 50 ms served")
-		close(stall)
+		close(stalls[1])
+		assert.Equal(t, fast, (<-stalled).Worker)
+		synctest.Wait()
+
+		// After the wait ran out once, a caller is held again (fast's
+		// average grew to 11.9 ms with the stall, 4 × 10 ms at most:
+		// 2 × 2 × 11.9 < 50)...
+		busy = submit(11)
+		start = time.Now()
+		held = submit(12)
+		assert.Equal(t, 1, b.Stats().Waiting, "held again")
+		assert.Equal(t, fast, (<-busy).Worker)
+		assert.Equal(t, fast, (<-held).Worker)
+		assert.Equal(t, 20*time.Millisecond, time.Since(start))
+		synctest.Wait()
+
+		// ...and a second stall runs out the same way.
+		stalled = submit(-2)
+		start = time.Now()
+		assert.Equal(t, slow, (<-submit(13)).Worker)
+		assert.Equal(t, 100*time.Millisecond, time.Since(start), "50 ms held again, 50 ms served")
+		close(stalls[2])
 		assert.Equal(t, fast, (<-stalled).Worker)
 
 		// TrySubmit never holds back.
@@ -1763,6 +1800,28 @@ func TestMethodsCalledFromInsideAFunc(t *testing.T) {
 			assert.Equal(t, 1, ws[0].ID)
 		})
 	})
+	t.Run("Close from every slot of a worker", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var b *Balancer[int, int]
+			var started sync.WaitGroup
+			started.Add(3)
+			b = mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+				started.Done()
+				started.Wait() // all three slots are inside a Func
+				return i, b.Close()
+			}, WithConcurrency(3))
+			var cs []<-chan Result[int, int]
+			for i := range 3 {
+				c, err := b.Submit(ctx, i)
+				require.NoError(t, err)
+				cs = append(cs, c)
+			}
+			for _, c := range cs {
+				assert.NoError(t, (<-c).Err)
+			}
+			require.NoError(t, b.Close())
+		})
+	})
 	t.Run("every other method", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			var b *Balancer[int, int]
@@ -1796,6 +1855,234 @@ func TestMethodsCalledFromInsideAFunc(t *testing.T) {
 			assert.Equal(t, outcome{id: 2, errs: make([]error, 6)}, o)
 		})
 	})
+}
+
+// 10. Reliability: cancellation paths and Close in progress.
+
+// Shutdown's cancellation reaches a running Func whatever its request's
+// context, with cause ErrClosed; a caller's own cancellation keeps its
+// cause.
+func TestShutdownCancelsWithCause(t *testing.T) {
+	type key struct{}
+	// causeOf runs one request under ctx until end ends it, and returns
+	// the cause its Func saw and its outcome.
+	causeOf := func(t *testing.T, ctx context.Context, end func(t *testing.T, b *Balancer[int, int])) (cause, outcome error) {
+		causes := make(chan error, 1)
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			<-ctx.Done()
+			causes <- context.Cause(ctx)
+			return 0, ctx.Err()
+		})
+		c, err := b.Submit(ctx, 1)
+		require.NoError(t, err)
+		synctest.Wait() // running
+		end(t, b)
+		cause, outcome = <-causes, (<-c).Err
+		require.NoError(t, b.Close())
+		return cause, outcome
+	}
+	shutdown := func(t *testing.T, b *Balancer[int, int]) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		assert.ErrorIs(t, b.Shutdown(ctx), context.DeadlineExceeded)
+	}
+	tests := []struct {
+		name string
+		ctx  func() (context.Context, context.CancelFunc)
+	}{
+		{"background", func() (context.Context, context.CancelFunc) { return context.Background(), func() {} }},
+		{"cancellable", func() (context.Context, context.CancelFunc) { return context.WithCancel(context.Background()) }},
+		{"with values", func() (context.Context, context.CancelFunc) {
+			return context.WithValue(context.Background(), key{}, 1), func() {}
+		}},
+		{"with a deadline", func() (context.Context, context.CancelFunc) {
+			return context.WithTimeout(context.Background(), time.Hour)
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				ctx, cancel := tt.ctx()
+				defer cancel()
+				cause, outcome := causeOf(t, ctx, shutdown)
+				assert.ErrorIs(t, cause, ErrClosed)
+				assert.ErrorIs(t, outcome, context.Canceled, "ctx.Err() is still context.Canceled")
+			})
+		})
+	}
+	t.Run("the caller's cause stands", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			errGone := errors.New("client went away")
+			ctx, cancel := context.WithCancelCause(context.Background())
+			cause, outcome := causeOf(t, ctx, func(*testing.T, *Balancer[int, int]) { cancel(errGone) })
+			assert.ErrorIs(t, cause, errGone)
+			assert.ErrorIs(t, outcome, context.Canceled)
+		})
+	})
+}
+
+// A consumer that cancels FanIn's ctx and stops reading leaves no
+// goroutine behind, though every input still has values to give.
+func TestFanInConsumerWalksAway(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		var ins []<-chan int
+		for range 4 {
+			c := make(chan int, 8)
+			for j := range 8 {
+				c <- j
+			}
+			ins = append(ins, c) // never closed
+		}
+		out := FanIn(ctx, ins...)
+		for range 3 {
+			<-out
+		}
+		cancel()
+		synctest.Wait()
+		// Every forwarder has seen ctx end and returned; the last closed
+		// out without sending it anything more.
+		n := 0
+		for range out {
+			n++
+		}
+		assert.Zero(t, n, "values sent after the consumer stopped reading")
+		// synctest.Test fails if a FanIn goroutine is left behind.
+	})
+}
+
+// A caller that abandons a Do (its ctx ends while the Func runs) and calls
+// Do again gets its new request's result, never the old one's.
+func TestAbandonedDoDoesNotLeakIntoTheNext(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newGates(200)
+		b := mustNew(t, 1, g.fn)
+		defer b.Close()
+		for i := 0; i < 200; i += 2 {
+			ctx, cancel := context.WithCancel(context.Background())
+			go func() {
+				synctest.Wait() // the Func is running
+				cancel()
+			}()
+			_, err := b.Do(ctx, i)
+			assert.ErrorIs(t, err, context.Canceled)
+			g.open(i) // the abandoned request finishes and delivers
+			synctest.Wait()
+			g.open(i + 1)
+			v, err := b.Do(context.Background(), i+1)
+			require.NoError(t, err)
+			require.Equal(t, i+1, v, "request %d got another's result", i+1)
+		}
+	})
+}
+
+// Every method called from many goroutines while Close is in progress
+// returns its documented result, and nothing is accepted that Close does
+// not finish.
+func TestMethodsDuringClose(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+			<-release // ignores ctx, so even Shutdown giving up waits for it
+			return i, nil
+		})
+		running, err := b.Submit(context.Background(), 1)
+		require.NoError(t, err)
+		closed := make(chan error, 1)
+		go func() { closed <- b.Close() }()
+		synctest.Wait()
+		require.Empty(t, closed, "Close waits for the running request")
+
+		ctx := context.Background()
+		calls := map[string]func() error{
+			"Do":           func() error { _, err := b.Do(ctx, 2); return err },
+			"Submit":       func() error { _, err := b.Submit(ctx, 2); return err },
+			"TrySubmit":    func() error { _, err := b.TrySubmit(ctx, 2); return err },
+			"AddWorker":    func() error { _, err := b.AddWorker(square); return err },
+			"RemoveWorker": func() error { return b.RemoveWorker(ctx, 1) },
+		}
+		var wg sync.WaitGroup
+		for name, call := range calls {
+			for range 8 {
+				wg.Go(func() { assert.ErrorIs(t, call(), ErrClosed, name) })
+			}
+		}
+		for range 4 {
+			wg.Go(func() {
+				s := b.Stats()
+				assert.Equal(t, uint64(1), s.Accepted)
+				assert.Equal(t, 1, s.Pending)
+			})
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+				defer cancel()
+				assert.ErrorIs(t, b.Shutdown(ctx), context.DeadlineExceeded)
+			})
+		}
+		wg.Wait()
+		assert.Empty(t, closed)
+		var closers sync.WaitGroup
+		for range 4 {
+			closers.Go(func() { assert.NoError(t, b.Close()) })
+		}
+		close(release)
+		assert.NoError(t, <-closed)
+		closers.Wait()
+		assert.Equal(t, Result[int, int]{Req: 1, Value: 1, Worker: 0}, <-running)
+		s := b.Stats()
+		assert.Equal(t, s.Accepted, s.Completed, "everything accepted finished")
+	})
+}
+
+// Close's promise, exactly: when it returns, every Func has returned, every
+// accepted request has its outcome, and every goroutine the balancer
+// started has made its last call (a deferred WaitGroup.Done) — the Go
+// runtime reaps them a moment later, which synctest.Wait observes.
+func TestCloseReturnsWhenEverythingEnded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var inside atomic.Int64
+		fn := func(ctx context.Context, i int) (int, error) {
+			inside.Add(1)
+			defer inside.Add(-1)
+			time.Sleep(time.Duration(i) * time.Millisecond)
+			if i%5 == 0 {
+				runtime.Goexit() // its slot gets a new goroutine
+			}
+			return i, nil
+		}
+		b := mustNew(t, 3, fn, WithConcurrency(2), WithQueueDepth(3))
+		var cs []<-chan Result[int, int]
+		for i := range 18 {
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			cs = append(cs, c)
+		}
+		synctest.Wait()
+		frames := []string{"balancer.(*worker[...]).run", "balancer.(*Balancer[...]).loop"}
+		for _, frame := range frames {
+			require.Contains(t, allStacks(), frame, "before Close")
+		}
+		require.NoError(t, b.Close())
+		assert.Zero(t, inside.Load(), "a Func still running")
+		for i, c := range cs {
+			select {
+			case r := <-c:
+				assert.Equal(t, i, r.Req)
+			default:
+				t.Errorf("request %d has no outcome yet", i)
+			}
+		}
+		synctest.Wait()
+		for _, frame := range frames {
+			assert.NotContains(t, allStacks(), frame)
+		}
+	})
+}
+
+// allStacks returns the stacks of all goroutines.
+func allStacks() string {
+	buf := make([]byte, 1<<20)
+	return string(buf[:runtime.Stack(buf, true)])
 }
 
 // Misuse that other pools hang or panic on.

@@ -26,6 +26,17 @@ muts = {
  "hold counts one request per busy worker": ("balancer.go", "b.busyHeld += w.limit\n", "b.busyHeld += b.depth\n"),
  "concurrency not checked": ("balancer.go", "\tcase o.concurrency < 1 || o.concurrency > MaxConcurrency:", "\tcase false:"),
  "AddWorker ignores New's worker options": ("balancer.go", "o := b.defaults.with(opts)", "o := defaultOptions().worker.with(opts)"),
+ "RemoveWorker from a Func waits for itself": ("balancer.go", "if err != nil || b.inFunc() {", "if err != nil {"),
+ "inFunc looks at the first slot only": ("worker.go", "\t\tfor i := range w.goroutines {", "\t\tfor i := range 1 {"),
+ "TrySubmit drops the request's ctx": ("balancer.go", "r := request[Req, Res]{ctx: ctx, req: req, reply: reply}", "r := request[Req, Res]{ctx: context.Background(), req: req, reply: reply}"),
+ "TrySubmit accepts a done ctx": ("balancer.go", "\tif err := ctx.Err(); err != nil {\n\t\treturn nil, err\n\t}\n\treply := make(chan Result[Req, Res], 1)", "\treply := make(chan Result[Req, Res], 1)"),
+ "Shutdown cancels without a cause": ("balancer.go", "\t\tb.abort(ErrClosed)\n\t\tb.command(", "\t\tb.abort(nil)\n\t\tb.command("),
+ "merged run context loses the cause": ("balancer.go", "func() { cancel(ErrClosed) }", "func() { cancel(nil) }"),
+ "abandoned Do's channel reused": ("balancer.go", "\tcase <-done:\n", "\tcase <-done:\n\t\tb.replies.Put(reply)\n"),
+ "FanIn send ignores ctx": ("fanin.go", "\t\t\tselect {\n\t\t\tcase out <- v:\n\t\t\tcase <-ctx.Done():\n\t\t\t\treturn\n\t\t\t}\n", "\t\t\tout <- v\n"),
+ "a hold that ran out never holds again": ("balancer.go", "\tb.expired = false\n", ""),
+ "Close returns before the workers end": ("balancer.go", "\tb.wg.Wait()\n\tb.abort(ErrClosed)", "\tb.abort(ErrClosed)"),
+ "running never decremented": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n", "\tw.completed.Add(1)\n"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
