@@ -5,7 +5,7 @@
 # (RUN=regexp limits the tests; naming defects limits the defects).
 import os, re, subprocess, sys
 muts = {
- "depth ignored": ("balancer.go", "return b.pool.Len() > 0 && b.pool.root().pending < b.depth", "return b.pool.Len() > 0"),
+ "depth ignored": ("balancer.go", "return b.pool.Len() > 0 && b.pool.root().pending < b.pool.root().limit", "return b.pool.Len() > 0"),
  "result channel unbuffered": ("balancer.go", "reply := make(chan Result[Req, Res], 1)\n\tif err := b.submit(", "reply := make(chan Result[Req, Res])\n\tif err := b.submit("),
  "no recover": ("worker.go", "if v := recover(); v != nil {", "if v := any(nil); v != nil {"),
  "Swap forgets index": ("pool.go", "\tp.at[p.slots[i].h] = i\n\tp.at[p.slots[j].h] = j\n", ""),
@@ -13,7 +13,7 @@ muts = {
  "loop exits without draining": ("balancer.go", "for !b.closing || b.pending > 0 {", "for !b.closing {"),
  "recovered panic sends no outcome": ("worker.go", "\tw.finish(r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.done <- w\n\t\treturn\n\t}\n\tw.finish(r, res)\n}"),
  "Goexit loses outcome and slot": ("worker.go", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n\t\tw.finish(r, *res)\n", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n"),
- "full worker keeps a finite cost": ("worker.go", "\tif w.pending >= w.b.depth {\n\t\treturn math.Inf(1)", "\tif false {\n\t\treturn math.Inf(1)"),
+ "full worker keeps a finite cost": ("worker.go", "\tif w.pending >= w.limit {\n\t\treturn math.Inf(1)", "\tif false {\n\t\treturn math.Inf(1)"),
  "hold never times out": ("balancer.go", "b.timer.Reset(time.Duration(b.pool.slots[0].cost))", "b.timer.Reset(time.Hour)"),
  "waiting callers do not nudge a hold": ("balancer.go", "\tif b.holding.Load() {\n", "\tif false {\n"),
  "hold ignores the callers waiting": ("balancer.go", "k := max(waiting, 1)", "k := int64(1)"),
