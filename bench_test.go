@@ -3,14 +3,21 @@ package balancer_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"math/rand/v2"
+	"os"
+	"regexp"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/leastload/balancer"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // dispatcher is what the benchmarks compare: the balancer and the naive
@@ -23,13 +30,15 @@ type dispatcher interface {
 // newDispatcher builds the named dispatcher with workers workers, worker i
 // running fn(i). depth is the per-worker queue capacity where the
 // dispatcher has one.
-func newDispatcher(b *testing.B, name string, workers, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
+func newDispatcher(b testing.TB, name string, workers, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
 	return newDispatcherOf(b, name, workers, 1, depth, fn)
 }
 
 // newDispatcherOf is newDispatcher with workers of the given concurrency;
-// the baselines get that many goroutines per worker queue.
-func newDispatcherOf(b *testing.B, name string, workers, concurrency, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
+// the baselines get that many goroutines per worker queue. "p2c" is
+// power-of-two-choices least-request: of two workers drawn at random, the
+// one with fewer pending.
+func newDispatcherOf(b testing.TB, name string, workers, concurrency, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
 	b.Helper()
 	switch name {
 	case "balancer", "estimate":
@@ -57,6 +66,17 @@ func newDispatcherOf(b *testing.B, name string, workers, concurrency, depth int,
 		return newQueuePool(workers, concurrency, depth, fn, func(p *queuePool) int {
 			return rand.IntN(len(p.queues))
 		})
+	case "p2c":
+		return newQueuePool(workers, concurrency, depth, fn, func(p *queuePool) int {
+			i, j := rand.IntN(len(p.queues)), rand.IntN(len(p.queues)-1)
+			if j >= i {
+				j++
+			}
+			if p.pending[j].Load() < p.pending[i].Load() {
+				return j
+			}
+			return i
+		})
 	}
 	b.Fatalf("unknown dispatcher %q", name)
 	return nil
@@ -74,18 +94,23 @@ type jobResult struct {
 	err error
 }
 
-var replies = sync.Pool{New: func() any { return make(chan jobResult, 1) }}
+// newReplies returns a pool of reply channels. Each dispatcher has its
+// own: a channel made in a synctest bubble must stay in it.
+func newReplies() *sync.Pool {
+	return &sync.Pool{New: func() any { return make(chan jobResult, 1) }}
+}
 
 // sharedPool is the usual Go worker pool: N goroutines reading one channel.
 type sharedPool struct {
-	jobs chan job
-	wg   sync.WaitGroup
+	jobs    chan job
+	replies *sync.Pool
+	wg      sync.WaitGroup
 }
 
 // newSharedPool starts concurrency goroutines running fn(i) for each
 // worker i.
 func newSharedPool(workers, concurrency int, fn func(i int) balancer.Func[int, int]) *sharedPool {
-	p := &sharedPool{jobs: make(chan job)}
+	p := &sharedPool{jobs: make(chan job), replies: newReplies()}
 	for i := range workers * concurrency {
 		f := fn(i / concurrency)
 		p.wg.Go(func() {
@@ -99,10 +124,10 @@ func newSharedPool(workers, concurrency int, fn func(i int) balancer.Func[int, i
 }
 
 func (p *sharedPool) Do(ctx context.Context, req int) (int, error) {
-	reply := replies.Get().(chan jobResult)
+	reply := p.replies.Get().(chan jobResult)
 	p.jobs <- job{ctx, req, reply}
 	r := <-reply
-	replies.Put(reply)
+	p.replies.Put(reply)
 	return r.v, r.err
 }
 
@@ -112,19 +137,22 @@ func (p *sharedPool) Close() error {
 	return nil
 }
 
-// queuePool gives each worker its own queue and lets pick choose one,
-// blind to load: round-robin or random.
+// queuePool gives each worker its own queue and lets pick choose one at
+// once, as a client-side balancer does: blind to load (round-robin,
+// random) or by the requests pending at each worker (p2c, the oracle).
 type queuePool struct {
-	queues []chan job
-	next   atomic.Uint64
-	pick   func(*queuePool) int
-	wg     sync.WaitGroup
+	queues  []chan job
+	pending []atomic.Int64 // per worker: sent and not finished
+	next    atomic.Uint64
+	pick    func(*queuePool) int
+	replies *sync.Pool
+	wg      sync.WaitGroup
 }
 
 // newQueuePool gives worker i a queue of concurrency × depth jobs served
 // by concurrency goroutines running fn(i).
 func newQueuePool(workers, concurrency, depth int, fn func(i int) balancer.Func[int, int], pick func(*queuePool) int) *queuePool {
-	p := &queuePool{queues: make([]chan job, workers), pick: pick}
+	p := &queuePool{queues: make([]chan job, workers), pending: make([]atomic.Int64, workers), pick: pick, replies: newReplies()}
 	for i := range p.queues {
 		q := make(chan job, concurrency*depth)
 		p.queues[i] = q
@@ -133,6 +161,7 @@ func newQueuePool(workers, concurrency, depth int, fn func(i int) balancer.Func[
 			p.wg.Go(func() {
 				for j := range q {
 					v, err := f(j.ctx, j.req)
+					p.pending[i].Add(-1)
 					j.reply <- jobResult{v, err}
 				}
 			})
@@ -142,10 +171,12 @@ func newQueuePool(workers, concurrency, depth int, fn func(i int) balancer.Func[
 }
 
 func (p *queuePool) Do(ctx context.Context, req int) (int, error) {
-	reply := replies.Get().(chan jobResult)
-	p.queues[p.pick(p)] <- job{ctx, req, reply}
+	reply := p.replies.Get().(chan jobResult)
+	i := p.pick(p)
+	p.pending[i].Add(1)
+	p.queues[i] <- job{ctx, req, reply}
 	r := <-reply
-	replies.Put(reply)
+	p.replies.Put(reply)
 	return r.v, r.err
 }
 
@@ -238,121 +269,305 @@ func BenchmarkSubmit(b *testing.B) {
 	})
 }
 
-// BenchmarkBalance measures balance quality: the latency that callers see
-// when requests arrive on their own schedule (open loop, Poisson arrivals)
-// at 70 % and 90 % of the workers' capacity. Service times are whole
-// milliseconds (time.Sleep is about that coarse here), geometric with mean
-// 2 ms. "even" is eight equal workers; "slow" makes two of them 4x
-// slower; "cap4" is four workers of concurrency 4 (sixteen slots), one of
-// them 4x slower, where the baselines get four goroutines per worker.
-// "estimate" is the balancer with WithLoadEstimate. One op is one
-// experiment of balanceRequests requests; latency is from the scheduled
-// arrival to the result, reported as p50, p99 and p99.9 in ms. Run with
-// -benchtime=1x.
-func BenchmarkBalance(b *testing.B) {
-	dispatchers := []struct {
-		name  string
-		depth int
-	}{
-		{"balancer", balancer.DefaultQueueDepth}, {"balancer", 2},
-		{"estimate", 1}, {"estimate", 4},
-		{"shared", 1}, {"roundrobin", 1}, {"random", 1},
-	}
-	for _, f := range fleets {
-		for _, load := range []float64{0.7, 0.9} {
-			for _, d := range dispatchers {
-				b.Run(fmt.Sprintf("workers=%s/load=%.1f/%s/depth=%d", f.name, load, d.name, d.depth), func(b *testing.B) {
-					var lat []time.Duration
-					for range b.N {
-						lat = append(lat, openLoop(b, d.name, d.depth, f, load)...)
-					}
-					slices.Sort(lat)
-					for _, q := range []struct {
-						unit string
-						p    float64
-					}{{"p50-ms", 0.5}, {"p99-ms", 0.99}, {"p99.9-ms", 0.999}} {
-						b.ReportMetric(float64(lat[int(q.p*float64(len(lat)-1))])/1e6, q.unit)
-					}
-				})
-			}
-		}
-	}
-}
-
-// fleet describes the workers of a balance experiment: the last slow of
-// them take factor times as long.
-type fleet struct {
+// A scenario is one group of rows of the balance-quality table: workers,
+// their speeds over time and the offered load. Service sizes are geometric
+// whole milliseconds with mean 2 ms (P(k ms) = 2^-k); the last slow
+// workers take factor times as long, always or, if period is set, while
+// the arrival time modulo period is in [from, from+length): a brownout.
+// Worker 0 serves nothing during [stallAt, stallAt+stallFor).
+type scenario struct {
 	name                 string
 	workers, concurrency int
-	slow, factor         int
+	depth                int     // the balancer's queue depth
+	load                 float64 // arrivals as a share of capacity outside brownouts and stalls
+	slow                 int
+	factor               float64
+	period, from, length time.Duration
+	stallAt, stallFor    time.Duration
 }
 
-var fleets = []fleet{
-	{name: "even", workers: 8, concurrency: 1},
-	{name: "slow", workers: 8, concurrency: 1, slow: 2, factor: 4},
-	{name: "cap4", workers: 4, concurrency: 4, slow: 1, factor: 4},
-}
+const meanService = 2 * time.Millisecond
 
-func (f fleet) slowdown(i int) int {
-	if i >= f.workers-f.slow {
-		return f.factor
+// slowdown is how many times longer than its size a request that starts
+// at at takes on worker i.
+func (s scenario) slowdown(i int, at time.Duration) float64 {
+	if i < s.workers-s.slow {
+		return 1
 	}
-	return 1
-}
-
-const (
-	balanceRequests = 2000
-	meanService     = 2 * time.Millisecond
-)
-
-// openLoop runs one open-loop experiment and returns each request's latency.
-func openLoop(b *testing.B, name string, depth int, f fleet, load float64) []time.Duration {
-	sleeper := func(i int) balancer.Func[int, int] {
-		return func(ctx context.Context, ms int) (int, error) {
-			time.Sleep(time.Duration(ms*f.slowdown(i)) * time.Millisecond)
-			return ms, nil
+	if s.period > 0 {
+		if in := at % s.period; in < s.from || in >= s.from+s.length {
+			return 1
 		}
 	}
-	var capacity float64 // requests per second
-	for i := range f.workers {
-		capacity += float64(f.concurrency) / (meanService.Seconds()*float64(f.slowdown(i)) + sleepOvershoot().Seconds())
-	}
-	rate := load * capacity
+	return s.factor
+}
 
-	d := newDispatcherOf(b, name, f.workers, f.concurrency, depth, sleeper)
-	defer d.Close()
-	rng := rand.New(rand.NewPCG(1, 2)) // the same arrivals and service times for every dispatcher
-	lat := make([]time.Duration, balanceRequests)
-	var wg sync.WaitGroup
-	start := time.Now()
-	var at float64 // seconds after start
-	for i := range lat {
+// stalled returns when worker i's stall ends, if at is inside it.
+func (s scenario) stalled(i int, at time.Duration) (end time.Duration, ok bool) {
+	end = s.stallAt + s.stallFor
+	return end, i == 0 && at >= s.stallAt && at < end
+}
+
+// window reports whether a request arriving at at counts in the table:
+// during a brownout or stall if the scenario has one, else always.
+func (s scenario) window(at time.Duration) bool {
+	switch {
+	case s.period > 0:
+		return s.slowdown(s.workers-1, at) > 1
+	case s.stallFor > 0:
+		return at >= s.stallAt && at < s.stallAt+s.stallFor
+	}
+	return true
+}
+
+// capacity is the requests per second the workers serve outside
+// brownouts and stalls.
+func (s scenario) capacity() float64 {
+	var c float64
+	for i := range s.workers {
+		f := 1.0
+		if s.period == 0 {
+			f = s.slowdown(i, 0)
+		}
+		c += float64(s.concurrency) / (meanService.Seconds() * f)
+	}
+	return c
+}
+
+// workload is the same arrivals and sizes for every dispatcher of a
+// scenario.
+type workload struct {
+	at   []time.Duration // arrival times
+	size []int           // service sizes in ms
+}
+
+func newWorkload(s scenario, seed uint64, n int) workload {
+	rng := rand.New(rand.NewPCG(seed, 1))
+	w := workload{at: make([]time.Duration, n), size: make([]int, n)}
+	rate := s.load * s.capacity() / float64(time.Second) // per ns
+	var at float64
+	for i := range n {
 		at += rng.ExpFloat64() / rate
-		ms := 1
-		for rng.IntN(2) == 0 { // geometric, p = 1/2: mean 2
-			ms++
+		w.at[i] = time.Duration(at)
+		w.size[i] = 1
+		for rng.IntN(2) == 0 {
+			w.size[i]++
 		}
-		due := start.Add(time.Duration(at * float64(time.Second)))
+	}
+	return w
+}
+
+// replay offers w to dispatcher name in a synctest bubble, where time.Sleep
+// is exact and time stands still while anything can run, and returns the
+// latency of each request from its arrival to its result.
+func replay(t *testing.T, s scenario, w workload, name string) []time.Duration {
+	var lat []time.Duration
+	synctest.Test(t, func(t *testing.T) { lat = offer(t, s, w, name) })
+	return lat
+}
+
+// offer offers w to dispatcher name and returns the latency of each
+// request from its arrival to its result.
+func offer(t testing.TB, s scenario, w workload, name string) []time.Duration {
+	lat := make([]time.Duration, len(w.at))
+	start := time.Now()
+	serve := func(i int) balancer.Func[int, int] {
+		return func(ctx context.Context, req int) (int, error) {
+			at := time.Since(start)
+			if end, ok := s.stalled(i, at); ok {
+				time.Sleep(end - at)
+			}
+			time.Sleep(time.Duration(float64(w.size[req]) * s.slowdown(i, at) * float64(time.Millisecond)))
+			return req, nil
+		}
+	}
+	var d dispatcher
+	switch name {
+	case "count", "estimate":
+		opts := []balancer.Option{balancer.WithQueueDepth(s.depth), balancer.WithConcurrency(s.concurrency)}
+		if name == "estimate" {
+			opts = append(opts, balancer.WithLoadEstimate())
+		}
+		b, err := balancer.New(0, serve(0), opts...)
+		require.NoError(t, err)
+		for i := range s.workers {
+			_, err := b.AddWorker(serve(i))
+			require.NoError(t, err)
+		}
+		d = b
+	case "oracle":
+		d = newQueuePool(s.workers, s.concurrency, unbounded, serve, func(p *queuePool) int {
+			return oracle(p, s, time.Since(start))
+		})
+	default:
+		d = newDispatcherOf(t, name, s.workers, s.concurrency, unbounded, serve)
+	}
+	var wg sync.WaitGroup
+	for i, at := range w.at {
+		due := start.Add(at)
 		time.Sleep(time.Until(due))
 		wg.Go(func() {
-			if _, err := d.Do(context.Background(), ms); err != nil {
-				b.Error(err)
-			}
+			_, err := d.Do(context.Background(), i)
+			assert.NoError(t, err)
 			lat[i] = time.Since(due)
 		})
 	}
 	wg.Wait()
+	require.NoError(t, d.Close())
 	return lat
 }
 
-// sleepOvershoot is how much longer than asked time.Sleep takes on this
-// machine (about 0.1 ms here). The offered load counts it as service time,
-// so that "0.9" is 90 % of what the workers can really serve.
-var sleepOvershoot = sync.OnceValue(func() time.Duration {
-	const n = 50
-	start := time.Now()
-	for range n {
-		time.Sleep(time.Millisecond)
+// unbounded is the queue per slot of the dispatchers that pick a worker at
+// once, as client-side balancers do: deep enough never to block.
+const unbounded = 1 << 12
+
+// oracle picks the worker expected to finish one more request first,
+// knowing every worker's speed at this moment and any stall: shortest
+// expected delay with perfect knowledge.
+func oracle(p *queuePool, s scenario, now time.Duration) int {
+	best, bestCost := 0, math.Inf(1)
+	for k := range p.queues {
+		i := (k + int(p.next.Load())) % len(p.queues) // ties rotate
+		cost := (float64(p.pending[i].Load())/float64(s.concurrency) + 1) * s.slowdown(i, now) * float64(meanService)
+		if end, ok := s.stalled(i, now); ok {
+			cost += float64(end - now)
+		}
+		if cost < bestCost {
+			best, bestCost = i, cost
+		}
 	}
-	return max(time.Since(start)/n-time.Millisecond, 0)
-})
+	p.next.Add(1)
+	return best
+}
+
+// quantiles returns the p50, p99 and p99.9 of the latencies of the
+// requests that arrived in the scenario's window.
+func quantiles(s scenario, w workload, lat []time.Duration) [3]time.Duration {
+	var in []time.Duration
+	for i, l := range lat {
+		if s.window(w.at[i]) {
+			in = append(in, l)
+		}
+	}
+	slices.Sort(in)
+	var q [3]time.Duration
+	for k, p := range []float64{0.5, 0.99, 0.999} {
+		q[k] = in[int(p*float64(len(in)-1))]
+	}
+	return q
+}
+
+// scenarios are the rows of the balance-quality table.
+func scenarios() []scenario {
+	even := scenario{workers: 8, concurrency: 1, depth: 1}
+	var all []scenario
+	add := func(name string, base scenario, loads ...float64) {
+		for _, l := range loads {
+			s := base
+			s.name, s.load = name, l
+			all = append(all, s)
+		}
+	}
+	add("equal", even, 0.7, 0.9)
+	slow2 := even
+	slow2.slow, slow2.factor = 2, 4
+	add("2 of 8 4× slower", slow2, 0.5, 0.7, 0.8, 0.9)
+	slow1 := even
+	slow1.slow, slow1.factor = 1, 10
+	add("1 of 8 10× slower", slow1, 0.5, 0.7)
+	brown := even
+	brown.slow, brown.factor = 2, 10
+	brown.period, brown.from, brown.length = 10*time.Second, 5*time.Second, 2*time.Second
+	add("2 of 8 at 1/10 for 2 s of 10 s", brown, 0.5)
+	brown.period, brown.from, brown.length = 2*time.Second, time.Second, 400*time.Millisecond
+	add("2 of 8 at 1/10 for 400 ms of 2 s", brown, 0.5)
+	cap4 := scenario{workers: 4, concurrency: 4, depth: 1, slow: 1, factor: 10}
+	add("4 of capacity 4, 1 10× slower", cap4, 0.5, 0.7)
+	depth8 := even
+	depth8.depth, depth8.slow, depth8.factor = 8, 1, 10
+	add("8 of depth 8, 1 10× slower", depth8, 0.5, 0.7)
+	stall := even
+	stall.depth, stall.stallAt, stall.stallFor = 8, 2*time.Second, 3*time.Second
+	add("8 of depth 8, one stops for 3 s", stall, 0.5)
+	stall = scenario{workers: 4, concurrency: 4, depth: 1, stallAt: 2 * time.Second, stallFor: 3 * time.Second}
+	add("4 of capacity 4, one stops for 3 s", stall, 0.5)
+	return all
+}
+
+var qualityDispatchers = []string{"shared", "count", "estimate", "p2c", "oracle", "roundrobin", "random"}
+
+// TestBalanceQuality prints the balance-quality table: every scenario and
+// dispatcher, the same arrivals for every dispatcher of a scenario, in fake
+// time. It runs when BALANCER_QUALITY sets the requests per row (the table
+// in the README uses 100000); BALANCER_QUALITY_SEED replays a seed.
+// Latencies of requests arriving during a brownout or stall only, where
+// the scenario has one; for a stall, "no stall" is the same run without it.
+func TestBalanceQuality(t *testing.T) {
+	n, err := strconv.Atoi(os.Getenv("BALANCER_QUALITY"))
+	if err != nil {
+		t.Skip("set BALANCER_QUALITY=<requests per row> to print the balance-quality table")
+	}
+	seed := uint64(time.Now().UnixNano())
+	if s, err := strconv.ParseUint(os.Getenv("BALANCER_QUALITY_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
+	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | p99 / shared |")
+	fmt.Println("|---|---|---|---|---|---|---|")
+	only := regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
+	for _, s := range scenarios() {
+		if !only.MatchString(fmt.Sprintf("%s %.1f", s.name, s.load)) {
+			continue
+		}
+		w := newWorkload(s, seed, n)
+		rows := qualityDispatchers
+		if s.stallFor > 0 {
+			rows = append(slices.Clip(rows), "estimate, no stall")
+		}
+		var shared time.Duration
+		for _, name := range rows {
+			sc := s
+			if name == "estimate, no stall" {
+				sc.stallFor = 0
+				name = "estimate"
+			}
+			q := quantiles(s, w, replay(t, sc, w, name))
+			if name == "shared" {
+				shared = q[1]
+			}
+			if sc.stallFor == 0 && s.stallFor > 0 {
+				name = "estimate, no stall"
+			}
+			fmt.Printf("| %s | %.1f | %s | %.1f | %.1f | %.1f | %.2f |\n", s.name, s.load, name,
+				ms(q[0]), ms(q[1]), ms(q[2]), float64(q[1])/float64(shared))
+		}
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// BenchmarkBalance is the balance-quality table's main rows in real time,
+// 2000 requests each, so that real overheads (timers, wake-ups, the
+// loop's own cost) stay visible beside the fake-time figures of
+// TestBalanceQuality. time.Sleep overshoots here, so the offered load is a
+// little higher than the nominal one. Run with -benchtime=1x.
+func BenchmarkBalance(b *testing.B) {
+	for _, s := range scenarios() {
+		if s.period > 0 || s.stallFor > 0 || s.load != 0.7 {
+			continue
+		}
+		for _, name := range []string{"shared", "count", "estimate", "p2c"} {
+			b.Run(fmt.Sprintf("%s/load=%.1f/%s", s.name, s.load, name), func(b *testing.B) {
+				var lat []time.Duration
+				for i := range b.N {
+					w := newWorkload(s, uint64(i), 2000)
+					lat = append(lat, offer(b, s, w, name)...)
+				}
+				slices.Sort(lat)
+				for k, p := range []float64{0.5, 0.99, 0.999} {
+					b.ReportMetric(ms(lat[int(p*float64(len(lat)-1))]), []string{"p50-ms", "p99-ms", "p99.9-ms"}[k])
+				}
+			})
+		}
+	}
+}
