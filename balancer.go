@@ -128,7 +128,7 @@ func (o workerOptions) with(opts []WorkerOption) workerOptions {
 
 // defaultOptions is the one place the defaults are set.
 func defaultOptions() options {
-	return options{depth: DefaultQueueDepth, worker: workerOptions{concurrency: 1, weight: 1}}
+	return options{depth: DefaultQueueDepth, estimate: true, worker: workerOptions{concurrency: 1, weight: 1}}
 }
 
 // check reports the first option out of range for a worker of a balancer
@@ -163,39 +163,46 @@ func (d depthOption) apply(o *options) { o.depth = int(d) }
 // ErrInvalidArgument.
 func WithQueueDepth(n int) Option { return depthOption(n) }
 
-type estimateOption struct{}
+type estimateOption bool
 
-func (estimateOption) apply(o *options) { o.estimate = true }
+func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 
-// WithLoadEstimate makes the balancer weigh each worker's load by its
-// observed service time: a request goes to the worker where it is expected
-// to finish first instead of the one with the fewest pending per slot. For
-// a worker of concurrency c with p requests pending and mean service time
-// s, that is s if a slot is free, else s × (p+1)/c. Use it when workers
-// differ in speed and the differences are not known in advance (remote
-// backends, shared GPUs).
+// WithLoadEstimate(false) turns off the load estimate, which is on by
+// default, and orders workers by pending requests per slot and weight
+// alone: the plain least-pending rule, which is all a pool of equal
+// workers needs.
+//
+// With the estimate, a request goes to the worker where it is expected to
+// finish first, judged by each worker's measured service time: for a
+// worker of concurrency c with p requests pending and mean service time s,
+// s if a slot is free, else s × (p+1)/c. So workers that differ in speed,
+// or whose speed changes (remote backends that brown out, shared GPUs),
+// need no configuration, and equal workers are ordered as by the count.
 //
 // The mean is a moving average over the worker's recent requests, learned
-// from all its slots, each request moving it 1/16 of the way to its run
-// time; a time more than four times the average counts as four times, so
-// one stall does not exile a worker. A worker with no observation yet
-// counts as fastest, so new workers are tried at once; a worker that looks
-// slow gets requests again as soon as the others have enough queued, or
-// are full, and each one it serves corrects its average. Worker weights
-// (WithWeight) are not used in this mode.
+// from all its slots: a slower run moves it a quarter of the way, a faster
+// one a sixteenth (it notices a slowdown within a few requests and forgets
+// it cautiously), and a run counts four times the average at most, so one
+// stall does not exile a worker. A request running longer than its
+// worker's mean counts its age instead, so a worker that stalls stops
+// getting requests. A worker with no observation yet counts as fastest, so
+// new workers are tried at once; a worker that looks slow gets requests
+// again as soon as the others have enough queued, or are full, and each
+// one it serves corrects its average. Worker weights (WithWeight) are not
+// used with the estimate.
 //
 // The balancer also holds requests back: when every fast worker is full
 // and only a slow one has room, a request waits in Do or Submit for a fast
 // worker to free a slot if, counting the callers already waiting, that is
-// expected to finish it in half the slow worker's time or less. As callers
-// pile up the slow worker gets its share. While callers are held, at least
-// one goes to the slow worker per its expected time for a request, so a
-// stalled fast worker cannot strand them; TrySubmit never holds back. With
-// two of eight workers four times slower at 70 % load, this cuts the p99
-// latency by a third against a shared channel. At 90 % load it does not
-// help: the slow workers' capacity is needed then, and no policy that
-// cannot see request sizes does much better than a shared channel.
-func WithLoadEstimate() Option { return estimateOption{} }
+// expected to finish it in two thirds of the slow worker's time or less.
+// As callers pile up the slow worker gets its share. While callers are
+// held, at least one goes to the slow worker per its expected time for a
+// request, so a stalled fast worker cannot strand them; TrySubmit never
+// holds back. With two of eight workers four times slower at half load,
+// the p99 latency is less than half a shared channel's; at 90 % load the
+// slow workers' capacity is needed, and no policy that cannot see request
+// sizes does much better than a shared channel.
+func WithLoadEstimate(on bool) Option { return estimateOption(on) }
 
 type concurrencyOption int
 
@@ -267,6 +274,7 @@ type Balancer[Req, Res any] struct {
 	quit     chan struct{}           // closed once, by the first Close or Shutdown
 	exited   chan struct{}           // closed by the loop as it returns
 	quitOnce sync.Once
+	epoch    time.Time       // New's time: now counts from it
 	abortCtx context.Context // cancelled, with cause ErrClosed, when a Shutdown's ctx ends first
 	abort    context.CancelCauseFunc
 	wg       sync.WaitGroup // the worker goroutines
@@ -411,6 +419,7 @@ func start[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opts []Op
 		b.timer = time.NewTimer(time.Hour)
 		b.timer.Stop()
 	}
+	b.epoch = time.Now()
 	b.abortCtx, b.abort = context.WithCancelCause(context.Background())
 	b.replies.New = func() any { return make(chan Result[Req, Res], 1) }
 	b.roster.Store(&roster[Req, Res]{})
@@ -673,6 +682,12 @@ func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, c
 	return ctx, func() { stop(); cancel(nil) }
 }
 
+// now is the time since New on the monotonic clock, in ns, and never 0 (a
+// runner's zero since means idle).
+func (b *Balancer[Req, Res]) now() int64 {
+	return int64(time.Since(b.epoch)) + 1
+}
+
 // noop is runContext's CancelFunc when there is nothing to cancel. A
 // package-level func, unlike a literal in a generic method, costs no
 // allocation.
@@ -785,6 +800,7 @@ func (b *Balancer[Req, Res]) ready() bool {
 // root is enough: a full worker costs +Inf, so it is the root only if
 // every worker is full.
 func (b *Balancer[Req, Res]) hasRoom() bool {
+	b.freshen()
 	return b.pool.Len() > 0 && b.pool.root().pending < b.pool.root().limit
 }
 
@@ -916,82 +932,4 @@ func (b *Balancer[Req, Res]) dropQueued() {
 	b.pool.refresh()
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: r.workers, retired: r.retired.plus(dropped)})
-}
-
-// holdMargin is how much sooner waiting must be expected to finish a
-// request before holdBack holds it. Holding at the break-even point (1)
-// ignores that a request sent to the root also shortens the wait of every
-// request behind it. A simulation of BenchmarkBalance puts the best margin
-// between 1.5 and 2 (3, measured, gives back most of the gain at 70 %
-// load), and at 2 the noise in equal workers' averages is rarely taken for
-// a difference in speed.
-const holdMargin = 2
-
-// holdBack reports whether the next request should wait for a busy worker
-// rather than go to the root, which has room: with WithLoadEstimate, when
-// the root is slow enough that a request is expected to finish sooner by
-// waiting for one of the full workers to free a slot.
-//
-// The full workers that have a mean service time s free slots at a
-// combined rate R = Σ c/s over their concurrencies c, and hold H = Σ c ×
-// depth requests. If k callers are waiting (at least the one the decision
-// is for), the last of them is expected to be served by a full worker
-// after about (k + H)/R: k slots to free, then the requests ahead of it
-// and its own. The loop holds back while holdMargin times that is less
-// than the root's cost, its expected time for one more request.
-// With equal workers it never is, and as callers pile up behind the full
-// workers it stops being so, which sends the root its share. Once callers
-// have been held for the root's cost, the timer fires and the next request
-// goes to the root, so a stalled worker cannot strand requests.
-//
-// It also keeps holding (read by submit), timer and held in step.
-func (b *Balancer[Req, Res]) holdBack() bool {
-	hold, waiting := false, int64(0)
-	if b.busy > 0 && !b.expired {
-		b.holding.Store(true) // before reading waiting: see submit
-		waiting = b.waiting.Load()
-		k := max(waiting, 1)
-		hold = b.pool.slots[0].cost*b.busyRate > holdMargin*float64(k+int64(b.busyHeld))
-	}
-	if !hold && (b.held || b.busy > 0) {
-		b.holding.Store(false)
-	}
-	b.held = hold
-	switch {
-	case hold && waiting > 0 && !b.timing:
-		b.timer.Reset(time.Duration(b.pool.slots[0].cost))
-		b.timing = true
-	case !hold && b.timing:
-		b.timer.Stop()
-		b.timing = false
-	}
-	return hold
-}
-
-// countBusy adds w, which has just become full, to the busy workers
-// holdBack waits for, if it has a mean service time.
-func (b *Balancer[Req, Res]) countBusy(w *worker[Req, Res]) {
-	if !b.estimate {
-		return
-	}
-	if s := w.service.Load(); s > 0 {
-		w.rate = float64(w.concurrency) / float64(s)
-		b.busy++
-		b.busyRate += w.rate
-		b.busyHeld += w.limit
-	}
-}
-
-// uncountBusy takes w out of the busy workers, if it is counted there.
-func (b *Balancer[Req, Res]) uncountBusy(w *worker[Req, Res]) {
-	if w.rate == 0 {
-		return
-	}
-	b.busy--
-	b.busyRate -= w.rate
-	b.busyHeld -= w.limit
-	w.rate = 0
-	if b.busy == 0 {
-		b.busyRate = 0 // no rounding error carried over
-	}
 }

@@ -85,7 +85,7 @@ func pendings(b *Balancer[int, int]) []int {
 func TestDispatchGoesToLeastPending(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		g := newGates(7)
-		b := mustNew(t, 3, g.fn, WithQueueDepth(4))
+		b := mustNew(t, 3, g.fn, WithQueueDepth(4), WithLoadEstimate(false))
 		defer b.Close()
 		results := make([]<-chan Result[int, int], 7)
 		submit := func(i int, want []int) {
@@ -632,8 +632,9 @@ func loads(b *Balancer[int, int]) (running, queued []int) {
 	return running, queued
 }
 
-// Workers of concurrency 1, 2 and 4 and one of weight 4 are ordered by
-// pending ÷ (concurrency × weight), ties to the one that waited longest.
+// Without the load estimate, workers of concurrency 1, 2 and 4 and one of
+// weight 4 are ordered by pending ÷ (concurrency × weight), ties to the one
+// that waited longest.
 func TestDispatchByPendingPerSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		g := newGates(10)
@@ -642,7 +643,7 @@ func TestDispatchByPendingPerSlot(t *testing.T) {
 			{Func: g.fn, Options: []WorkerOption{WithConcurrency(2)}},
 			{Func: g.fn, Options: []WorkerOption{WithConcurrency(4)}},
 			{Func: g.fn, Options: []WorkerOption{WithWeight(4)}},
-		})
+		}, WithLoadEstimate(false))
 		require.NoError(t, err)
 		defer b.Close()
 		defer g.openAll()
@@ -740,7 +741,7 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 			time.Sleep(time.Duration(ms) * time.Millisecond)
 			return ms, nil
 		}
-		b := mustNew(t, 1, sleep, WithConcurrency(4), WithLoadEstimate())
+		b := mustNew(t, 1, sleep, WithConcurrency(4), WithLoadEstimate(true))
 		defer b.Close()
 		var cs []<-chan Result[int, int]
 		for _, ms := range []int{16, 32, 48, 64} { // one on each slot
@@ -752,8 +753,8 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 		for i, ms := range []int{16, 32, 48, 64} {
 			require.NoError(t, (<-cs[i]).Err)
 			synctest.Wait()
-			if i > 0 {
-				want += (time.Duration(ms)*time.Millisecond - want) / serviceSmoothing
+			if i > 0 { // each run is slower: the average rises a quarter of the way
+				want += (time.Duration(ms)*time.Millisecond - want) / riseSmoothing
 			}
 			assert.Equal(t, want, b.Stats().Workers[0].MeanService, "after the run of %d ms", ms)
 		}
@@ -772,10 +773,11 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 	})
 }
 
-// Under load at the default depth, a worker of concurrency 2, and one of
-// weight 2 that serves twice as fast, each get twice the requests of a
-// plain worker; under light load the weight sends every request to the
-// faster worker, where without weights the two would take turns.
+// Under load at the defaults, a worker of concurrency 2, and one that
+// serves twice as fast, each get twice the requests of a plain worker.
+// Under light load the faster worker gets every request: at the defaults
+// because its speed is measured, without the estimate because its weight
+// says so; without either the two take turns.
 func TestDefaultsMakeCapacityAndWeightCount(t *testing.T) {
 	sleeper := func(d time.Duration) Func[int, int] {
 		return func(ctx context.Context, i int) (int, error) {
@@ -812,21 +814,23 @@ func TestDefaultsMakeCapacityAndWeightCount(t *testing.T) {
 	})
 	t.Run("light load", func(t *testing.T) {
 		for _, tt := range []struct {
-			name   string
-			weight float64
-			want   []int
+			name     string
+			estimate bool
+			weight   float64
+			want     []int
 		}{
-			{"weights equal", 1, []int{0, 1, 0, 1}},
-			{"weight 2", 2, []int{1, 1, 1, 1}},
+			{"defaults", true, 1, []int{0, 1, 1, 1, 1}}, // each new worker is tried first
+			{"count, weights equal", false, 1, []int{0, 1, 0, 1, 0}},
+			{"count, weight 2", false, 2, []int{1, 1, 1, 1, 1}},
 		} {
 			t.Run(tt.name, func(t *testing.T) {
 				synctest.Test(t, func(t *testing.T) {
-					b := mustNew(t, 1, sleeper(2*time.Millisecond))
+					b := mustNew(t, 1, sleeper(2*time.Millisecond), WithLoadEstimate(tt.estimate))
 					defer b.Close()
 					_, err := b.AddWorker(sleeper(time.Millisecond), WithWeight(tt.weight))
 					require.NoError(t, err)
 					var got []int
-					for range 4 {
+					for range 5 {
 						c, err := b.Submit(context.Background(), 0)
 						require.NoError(t, err)
 						got = append(got, (<-c).Worker)
@@ -934,8 +938,8 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 // Hold-back counts slots: a full worker of concurrency c frees slots c
 // times as often. Fast runs 2 at once in 10 ms each, slow 1 in 60 ms. With
 // fast full, waiting for it takes (k + 2) / (2 per 10 ms) for the k-th
-// caller, so callers are held until 2 × that reaches slow's 60 ms: the
-// fourth caller sends one to slow.
+// caller, so callers are held until holdMargin (1.5) × that reaches slow's
+// 60 ms: the sixth caller sends one to slow.
 func TestHoldBackCountsSlots(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		sleeper := func(d time.Duration) Func[int, int] {
@@ -947,7 +951,7 @@ func TestHoldBackCountsSlots(t *testing.T) {
 		b, err := NewFrom([]WorkerSpec[int, int]{
 			{Func: sleeper(10 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
 			{Func: sleeper(60 * time.Millisecond)},
-		}, WithLoadEstimate())
+		}, WithLoadEstimate(true))
 		require.NoError(t, err)
 		defer b.Close()
 		var cs []<-chan Result[int, int]
@@ -977,14 +981,14 @@ func TestHoldBackCountsSlots(t *testing.T) {
 		submit(3)
 		submit(4)
 		assert.Equal(t, []int{2, 0}, pendings(b), "fast is full")
-		for k := 1; k <= 3; k++ {
+		for k := 1; k <= 5; k++ {
 			submit(4 + k)
 			assert.Equal(t, []int{2, 0}, pendings(b), "%d callers held", k)
 			assert.Equal(t, k, b.Stats().Waiting)
 		}
-		submit(8)
-		assert.Equal(t, []int{2, 1}, pendings(b), "the fourth caller sent one to slow")
-		assert.Equal(t, 3, b.Stats().Waiting)
+		submit(10)
+		assert.Equal(t, []int{2, 1}, pendings(b), "the sixth caller sent one to slow")
+		assert.Equal(t, 5, b.Stats().Waiting)
 		for _, c := range cs {
 			assert.NoError(t, (<-c).Err)
 		}
@@ -1331,7 +1335,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		}
 		assert.Equal(t, 4, fast.pending, "(4+1)×1 ms beats (0+1)×4 ms until the fifth")
 		assert.Equal(t, 1, slow.pending)
-		for range 4 * serviceSmoothing { // slow serves fast now
+		for range 4 * fallSmoothing { // slow serves fast now
 			slow.observe(time.Millisecond)
 		}
 		h.p.touch(slow)
@@ -1353,20 +1357,30 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		require.True(t, h.dispatch(t))
 		assert.Equal(t, 1, fresh.pending)
 	})
-	t.Run("one outlier counts four times the average at most", func(t *testing.T) {
+	t.Run("the average rises fast, falls slowly, and one outlier counts four times it at most", func(t *testing.T) {
 		h := newHeapHarness(4, true)
 		w := h.add(1)
-		w.observe(time.Millisecond)
-		w.observe(time.Second)
-		assert.Equal(t, int64(time.Millisecond+(4*time.Millisecond-time.Millisecond)/serviceSmoothing), w.service.Load())
+		var got []time.Duration
+		for _, d := range []time.Duration{16, 32, 16, 0, 1000} {
+			w.observe(d * time.Millisecond)
+			got = append(got, time.Duration(w.service.Load()))
+		}
+		assert.Equal(t, []time.Duration{
+			16 * time.Millisecond,    // the first run is taken whole
+			20 * time.Millisecond,    // 16 + (32-16)/4
+			19750 * time.Microsecond, // 20 + (16-20)/16
+			18515626,                 // 19.75 + (0-19.75)/16, a zero run counting as 1 ns
+			32402345,                 // 18.5 + (4 × 18.5 - 18.5)/4: capped
+		}, got)
 	})
 }
 
 // With load estimates, a request waits for a busy fast worker rather than
 // take a free slow one, unless enough callers wait behind it or the wait
 // outlasts the slow worker's expected time, and this holds again after a
-// wait has run out once. Fast serves in 10 ms, slow in 50 ms; request -i
-// makes fast stall until stalls[i] closes.
+// wait has run out once. Fast serves in 10 ms, slow in 60 ms; request -i
+// makes fast stall until stalls[i] closes. The loop holds while
+// holdMargin × (k+1) × fast's mean < 60 ms for k callers waiting.
 func TestEstimateWaitsForAFastWorker(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		stalls := []chan struct{}{nil, make(chan struct{}), make(chan struct{})}
@@ -1379,11 +1393,11 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 				return i, nil
 			}
 		}
-		b := mustNew(t, 0, square, WithLoadEstimate())
+		b := mustNew(t, 0, square, WithLoadEstimate(true))
 		defer b.Close()
 		fast, err := b.AddWorker(sleeper(10 * time.Millisecond))
 		require.NoError(t, err)
-		slow, err := b.AddWorker(sleeper(50 * time.Millisecond))
+		slow, err := b.AddWorker(sleeper(60 * time.Millisecond))
 		require.NoError(t, err)
 		submit := func(i int) <-chan Result[int, int] {
 			t.Helper()
@@ -1403,7 +1417,7 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		synctest.Wait()
 
 		// One caller waits: fast is expected to free up and serve it in
-		// 2 × 10 ms, half of slow's 50 ms or less, so it waits.
+		// 2 × 10 ms, and 1.5 × 20 < 60, so it waits.
 		busy := submit(3)
 		start := time.Now()
 		held := submit(4)
@@ -1413,28 +1427,32 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		assert.Equal(t, 20*time.Millisecond, time.Since(start))
 		synctest.Wait()
 
-		// Two callers wait: the last would be served after 3 × 10 ms,
-		// more than half of 50 ms, so the first of them goes to slow.
+		// Two callers wait (1.5 × 30 < 60); a third would be served by
+		// fast after 40 ms, and 1.5 × 40 is not less than 60, so the
+		// first of them goes to slow.
 		busy = submit(5)
 		held = submit(6)
-		next := submit(7)
-		assert.Equal(t, []int{1, 1}, pendings(b), "the second caller sent the first to slow")
-		assert.Equal(t, []int{fast, slow, fast}, []int{(<-busy).Worker, (<-held).Worker, (<-next).Worker})
+		held2 := submit(7)
+		assert.Equal(t, []int{1, 0}, pendings(b), "two held")
+		next := submit(8)
+		assert.Equal(t, []int{1, 1}, pendings(b), "the third caller sent the first to slow")
+		assert.Equal(t, []int{fast, slow, fast, fast},
+			[]int{(<-busy).Worker, (<-held).Worker, (<-held2).Worker, (<-next).Worker})
 		synctest.Wait()
 
 		// Fast stalls: a held caller goes to slow once it has waited
-		// slow's expected time, 50 ms.
+		// slow's expected time, 60 ms.
 		stalled := submit(-1)
 		start = time.Now()
-		assert.Equal(t, slow, (<-submit(8)).Worker)
-		assert.Equal(t, 100*time.Millisecond, time.Since(start), "50 ms held, 50 ms served")
+		assert.Equal(t, slow, (<-submit(9)).Worker)
+		assert.Equal(t, 120*time.Millisecond, time.Since(start), "60 ms held, 60 ms served")
 		close(stalls[1])
 		assert.Equal(t, fast, (<-stalled).Worker)
 		synctest.Wait()
 
-		// After the wait ran out once, a caller is held again (fast's
-		// average grew to 11.9 ms with the stall, 4 × 10 ms at most:
-		// 2 × 2 × 11.9 < 50)...
+		// After the wait ran out once, a caller is held again: the stall
+		// counted as 4 × 10 ms and moved fast's mean a quarter of the way
+		// there, to 17.5 ms, and 1.5 × 2 × 17.5 < 60...
 		busy = submit(11)
 		start = time.Now()
 		held = submit(12)
@@ -1448,17 +1466,67 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		stalled = submit(-2)
 		start = time.Now()
 		assert.Equal(t, slow, (<-submit(13)).Worker)
-		assert.Equal(t, 100*time.Millisecond, time.Since(start), "50 ms held again, 50 ms served")
+		assert.Equal(t, 120*time.Millisecond, time.Since(start), "60 ms held again, 60 ms served")
 		close(stalls[2])
 		assert.Equal(t, fast, (<-stalled).Worker)
 
 		// TrySubmit never holds back.
 		synctest.Wait()
-		busy = submit(9)
-		c, err := b.TrySubmit(context.Background(), 10)
+		busy = submit(14)
+		c, err := b.TrySubmit(context.Background(), 15)
 		require.NoError(t, err)
 		assert.Equal(t, slow, (<-c).Worker)
 		<-busy
+	})
+}
+
+// A request running longer than its worker's mean counts its age: a worker
+// that stalls stops getting requests while the others have room, and only
+// then gets its share. Both workers serve in 10 ms and hold up to 8; worker
+// 0 stalls on request -1.
+func TestStalledWorkerStopsGettingRequests(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		stall, gate := make(chan struct{}), make(chan struct{})
+		fn := func(ctx context.Context, i int) (int, error) {
+			switch {
+			case i < 0:
+				<-stall
+			case i > 0:
+				<-gate
+			}
+			time.Sleep(10 * time.Millisecond)
+			return i, nil
+		}
+		b := mustNew(t, 2, fn, WithQueueDepth(8))
+		defer b.Close()
+		var cs []<-chan Result[int, int]
+		submit := func(i int, want []int) {
+			t.Helper()
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			cs = append(cs, c)
+			synctest.Wait()
+			assert.Equal(t, want, pendings(b), "after request %d", i)
+		}
+		submit(0, []int{1, 0}) // both learn 10 ms
+		submit(0, []int{1, 1})
+		for _, c := range cs {
+			<-c
+		}
+		synctest.Wait()
+		submit(-1, []int{1, 0}) // worker 0 waited longest
+		time.Sleep(100 * time.Millisecond)
+		// Worker 0 costs 2 × its request's age, 200 ms; worker 1 costs
+		// (pending+1) × 10 ms, so it takes all it can hold.
+		for i := range 8 {
+			submit(1+i, []int{1, 1 + i})
+		}
+		submit(9, []int{2, 8}) // worker 1 is full
+		close(gate)
+		close(stall)
+		for _, c := range cs {
+			assert.NoError(t, (<-c).Err)
+		}
 	})
 }
 
@@ -1564,7 +1632,7 @@ func (st *stress) run(t *testing.T) {
 	st.depth = 1 + int(uint64(st.seed)/2%4)
 	opts := []Option{WithQueueDepth(st.depth)}
 	if st.seed%2 == 0 { // every other round weighs workers by their speed, and holds back
-		opts = append(opts, WithLoadEstimate())
+		opts = append(opts, WithLoadEstimate(true))
 	}
 	opts = append(opts, WithConcurrency(1+int(uint64(st.seed)/8%3))) // New's workers: 1 to 3
 	b, err := New(8, st.fn, opts...)

@@ -44,7 +44,7 @@ func newDispatcherOf(b testing.TB, name string, workers, concurrency, depth int,
 	case "balancer", "estimate":
 		opts := []balancer.Option{balancer.WithQueueDepth(depth), balancer.WithConcurrency(concurrency)}
 		if name == "estimate" {
-			opts = append(opts, balancer.WithLoadEstimate())
+			opts = append(opts, balancer.WithLoadEstimate(true))
 		}
 		d, err := balancer.New(0, fn(0), opts...)
 		if err != nil {
@@ -386,7 +386,7 @@ func offer(t testing.TB, s scenario, w workload, name string) []time.Duration {
 	case "count", "estimate":
 		opts := []balancer.Option{balancer.WithQueueDepth(s.depth), balancer.WithConcurrency(s.concurrency)}
 		if name == "estimate" {
-			opts = append(opts, balancer.WithLoadEstimate())
+			opts = append(opts, balancer.WithLoadEstimate(true))
 		}
 		b, err := balancer.New(0, serve(0), opts...)
 		require.NoError(t, err)

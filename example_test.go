@@ -34,12 +34,13 @@ func ExampleNew() {
 	// Output: HELLO, BALANCER <nil>
 }
 
-// ExampleNewFrom builds a balancer of workers that differ: a GPU that runs
-// four jobs at once and a CPU fallback that runs one, at a quarter of the
-// speed of a GPU slot. Jobs go to the GPU while it has a free slot (its
-// cost is at most 4/4 against the idle CPU's 1/0.25); at the default queue
-// depth nothing queues behind a busy slot, so the fifth job goes to the
-// CPU.
+// ExampleNewFrom builds a balancer of workers that differ and whose speeds
+// are known: a GPU that runs four jobs at once and a CPU fallback that runs
+// one, at a quarter of the speed of a GPU slot. With the load estimate off,
+// the declared weights order them: jobs go to the GPU while it has a free
+// slot (its cost is at most 4/4 against the idle CPU's 1/0.25); at the
+// default queue depth nothing queues behind a busy slot, so the fifth job
+// goes to the CPU.
 func ExampleNewFrom() {
 	started, release := make(chan struct{}), make(chan struct{})
 	gpu := func(ctx context.Context, job string) (string, error) {
@@ -51,7 +52,7 @@ func ExampleNewFrom() {
 	b, err := balancer.NewFrom([]balancer.WorkerSpec[string, string]{
 		{Func: gpu, Options: []balancer.WorkerOption{balancer.WithConcurrency(4)}},
 		{Func: cpu, Options: []balancer.WorkerOption{balancer.WithWeight(0.25)}},
-	})
+	}, balancer.WithLoadEstimate(false))
 	if err != nil {
 		panic(err)
 	}
@@ -276,7 +277,7 @@ func Example_reverseProxy() {
 	}
 	lb, err := balancer.NewFrom([]balancer.WorkerSpec[exchange, struct{}]{
 		backend(urls[0]), backend(urls[1]), backend(urls[2]), // IDs 0, 1, 2
-	}, balancer.WithLoadEstimate())
+	}, balancer.WithLoadEstimate(true))
 	if err != nil {
 		panic(err)
 	}

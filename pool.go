@@ -1,6 +1,15 @@
 package balancer
 
-import "container/heap"
+import (
+	"container/heap"
+	"math"
+	"time"
+)
+
+// This file is the scheduler: the heap that orders the workers and the
+// policy that decides their order (what a worker costs, how its speed is
+// learned) and when a request is better held back. balancer.go is the API
+// and the loop that applies it.
 
 // pool is a min-heap of workers ordered by cost, the priority queue of the
 // select loop. The loop owns it outright: no other goroutine reads or writes
@@ -118,4 +127,192 @@ func (p *pool[Req, Res]) refresh() {
 		p.slots[i].cost = p.slots[i].w.cost()
 	}
 	heap.Init(p)
+}
+
+// cost is the pool's sort key: the expected wait for one more request at w,
+// in units that only need to compare. With the load estimate (the default)
+// it is the expected time to finish one more request: the worker's service
+// time s if a slot is free, else s × (pending+1)/concurrency, the time for
+// the requests ahead to drain through all slots. s is the observed mean,
+// zero before the first observation so that a new worker is tried first,
+// or the age of the oldest request running if that is more (see freshen).
+// Without the estimate it is the requests w would then have per slot,
+// divided by its weight. A full worker costs +Inf: the root has room
+// whenever any worker has.
+func (w *worker[Req, Res]) cost() float64 { return w.costAt(0) }
+
+// costAt is cost counting the running requests' ages as of now, a b.now()
+// reading; 0 leaves them out.
+func (w *worker[Req, Res]) costAt(now int64) float64 {
+	if w.pending >= w.limit {
+		return math.Inf(1)
+	}
+	if !w.b.estimate {
+		return float64(w.pending+1) * w.unit
+	}
+	s := w.service.Load()
+	if now != 0 {
+		s = max(s, w.oldest(now))
+	}
+	n := max(w.pending+1, w.concurrency)
+	return float64(n) * float64(s) / float64(w.concurrency)
+}
+
+// oldest returns the age at now of the oldest request w's slots are
+// running, or 0.
+func (w *worker[Req, Res]) oldest(now int64) int64 {
+	var age int64
+	for i := range w.runners {
+		if since := w.runners[i].since.Load(); since != 0 {
+			age = max(age, now-since)
+		}
+	}
+	return age
+}
+
+// freshen brings the root's cost up to date with the age of the requests
+// it runs, with the load estimate: a request running far longer than its
+// worker's mean raises that worker's cost, so a worker that stalls stops
+// getting requests without any ejection machinery, and gets them again as
+// soon as it completes one. Between a worker's completions its cost only
+// grows with age, so the cost kept in each slot is a lower bound, and a
+// root whose kept cost is current is the cheapest worker. freshen raises
+// roots until one is current: each worker at most once, and only a root
+// with requests running but room for more, so at the default depth, where
+// a busy worker of concurrency 1 is full, it costs two comparisons.
+func (b *Balancer[Req, Res]) freshen() {
+	if !b.estimate {
+		return
+	}
+	var now int64
+	for b.pool.Len() > 0 {
+		s := &b.pool.slots[0]
+		if s.w.pending == 0 || s.w.pending >= s.w.limit {
+			return
+		}
+		if now == 0 {
+			now = b.now()
+		}
+		c := s.w.costAt(now)
+		if c <= s.cost {
+			return
+		}
+		s.cost = c
+		heap.Fix(&b.pool, 0)
+	}
+}
+
+// Service times are learned as a moving average that rises fast and falls
+// slowly, the idea of peak-EWMA load balancers: a run slower than the
+// average moves it 1/riseSmoothing of the way, a faster one
+// 1/fallSmoothing, and a run counts four times the average at most, so
+// one stall moves it little. Run times vary a lot from one request to the
+// next; the slow fall keeps equal workers from looking different by
+// accident, the fast rise notices a slowdown within a few requests. In
+// TestBalanceQuality, with two of eight workers at a tenth of their speed
+// for 400 ms of every 2 s, the p99 of requests arriving then was 1.2× an
+// oracle that knows every speed with 1/16 either way, and 0.95× with 1/4
+// up; equal workers did not change (1/2 up costs them 1 %).
+const (
+	riseSmoothing = 4
+	fallSmoothing = 16
+)
+
+// observe folds one run time of the Func into w's moving average. w's
+// slots call it concurrently; each observation counts once.
+func (w *worker[Req, Res]) observe(d time.Duration) {
+	d = max(d, 1) // zero means "no observation"
+	for {
+		old := w.service.Load()
+		next := int64(d)
+		switch {
+		case old == 0:
+		case next > old:
+			next = old + (min(next, 4*old)-old)/riseSmoothing
+		default:
+			next = old + (next-old)/fallSmoothing
+		}
+		if w.service.CompareAndSwap(old, next) {
+			return
+		}
+	}
+}
+
+// holdMargin is how much sooner waiting must be expected to finish a
+// request before holdBack holds it. Holding at the break-even point (1)
+// ignores that a request sent to the root also shortens the wait of every
+// request behind it. In TestBalanceQuality (100 000 requests a row, two of
+// eight workers four times slower), p99 ÷ shared channel at loads 0.5, 0.7,
+// 0.8 and 0.9 is 0.44, 0.54, 0.66, 0.96 at margin 2; 0.44, 0.50, 0.62,
+// 0.95 at 1.5; 0.44, 0.50, 0.62, 0.97 at 1.25; and 1 starts to cost equal
+// workers (1.02 at 0.7).
+const holdMargin = 1.5
+
+// holdBack reports whether the next request should wait for a busy worker
+// rather than go to the root, which has room: with the load estimate, when
+// the root is slow enough that a request is expected to finish sooner by
+// waiting for one of the full workers to free a slot.
+//
+// The full workers that have a mean service time s free slots at a
+// combined rate R = Σ c/s over their concurrencies c, and hold H = Σ c ×
+// depth requests. If k callers are waiting (at least the one the decision
+// is for), the last of them is expected to be served by a full worker
+// after about (k + H)/R: k slots to free, then the requests ahead of it
+// and its own. The loop holds back while holdMargin times that is less
+// than the root's cost, its expected time for one more request.
+// With equal workers it never is, and as callers pile up behind the full
+// workers it stops being so, which sends the root its share. Once callers
+// have been held for the root's cost, the timer fires and the next request
+// goes to the root, so a stalled worker cannot strand requests.
+//
+// It also keeps holding (read by submit), timer and held in step.
+func (b *Balancer[Req, Res]) holdBack() bool {
+	hold, waiting := false, int64(0)
+	if b.busy > 0 && !b.expired {
+		b.holding.Store(true) // before reading waiting: see submit
+		waiting = b.waiting.Load()
+		k := max(waiting, 1)
+		hold = b.pool.slots[0].cost*b.busyRate > holdMargin*float64(k+int64(b.busyHeld))
+	}
+	if !hold && (b.held || b.busy > 0) {
+		b.holding.Store(false)
+	}
+	b.held = hold
+	switch {
+	case hold && waiting > 0 && !b.timing:
+		b.timer.Reset(time.Duration(b.pool.slots[0].cost))
+		b.timing = true
+	case !hold && b.timing:
+		b.timer.Stop()
+		b.timing = false
+	}
+	return hold
+}
+
+// countBusy adds w, which has just become full, to the busy workers
+// holdBack waits for, if it has a mean service time.
+func (b *Balancer[Req, Res]) countBusy(w *worker[Req, Res]) {
+	if !b.estimate {
+		return
+	}
+	if s := w.service.Load(); s > 0 {
+		w.rate = float64(w.concurrency) / float64(s)
+		b.busy++
+		b.busyRate += w.rate
+		b.busyHeld += w.limit
+	}
+}
+
+// uncountBusy takes w out of the busy workers, if it is counted there.
+func (b *Balancer[Req, Res]) uncountBusy(w *worker[Req, Res]) {
+	if w.rate == 0 {
+		return
+	}
+	b.busy--
+	b.busyRate -= w.rate
+	b.busyHeld -= w.limit
+	w.rate = 0
+	if b.busy == 0 {
+		b.busyRate = 0 // no rounding error carried over
+	}
 }

@@ -2,7 +2,6 @@ package balancer
 
 import (
 	"context"
-	"math"
 	"runtime"
 	"runtime/debug"
 	"sync/atomic"
@@ -25,6 +24,12 @@ func (r request[Req, Res]) deliver(res Result[Req, Res]) {
 	if !r.keep {
 		close(r.reply)
 	}
+}
+
+// runner is what others may read of one slot of a worker.
+type runner struct {
+	goroutine atomic.Int64 // ID of the goroutine serving, so that Close can tell when a Func calls it
+	since     atomic.Int64 // b.now() when the request it runs started; 0 while idle
 }
 
 // worker serves requests from its queue on concurrency goroutines, its
@@ -58,9 +63,9 @@ type worker[Req, Res any] struct {
 	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
 	removed bool
 
-	// goroutines[i] is the ID of the goroutine serving slot i, so that
-	// Close can tell when a Func calls it. Written by that goroutine.
-	goroutines []atomic.Int64
+	// runners[i] describes slot i to the other goroutines; the slot's
+	// goroutine writes it.
+	runners []runner
 
 	// Written by their single owner, read by Stats.
 	assigned  atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
@@ -85,27 +90,8 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o
 		exited:      make(chan struct{}),
 		retired:     make(chan struct{}),
 		unit:        1 / (float64(o.concurrency) * o.weight),
-		goroutines:  make([]atomic.Int64, o.concurrency),
+		runners:     make([]runner, o.concurrency),
 	}
-}
-
-// cost is the pool's sort key: the expected wait for one more request at w,
-// in units that only need to compare. Without WithLoadEstimate it is the
-// requests w would then have per slot, divided by its weight. With it, it
-// is the expected time to finish one more request: the observed mean
-// service time s if a slot is free, else s × (pending+1)/concurrency, the
-// time for the requests ahead to drain through all slots (s is zero before
-// the first observation, so that a new worker is tried first). A full
-// worker costs +Inf: the root has room whenever any worker has.
-func (w *worker[Req, Res]) cost() float64 {
-	if w.pending >= w.limit {
-		return math.Inf(1)
-	}
-	if w.b.estimate {
-		n := max(w.pending+1, w.concurrency)
-		return float64(n) * float64(w.service.Load()) / float64(w.concurrency)
-	}
-	return float64(w.pending+1) * w.unit
 }
 
 // start starts the worker's slots. The loop, or New before it, calls it.
@@ -121,7 +107,7 @@ func (w *worker[Req, Res]) start() {
 // done b.wg.Add(1) for it, and counted it in live.
 func (w *worker[Req, Res]) run(i int) {
 	defer w.b.wg.Done()
-	w.goroutines[i].Store(goid())
+	w.runners[i].goroutine.Store(goid())
 	for r := range w.reqs {
 		w.serve(i, r)
 	}
@@ -142,7 +128,7 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	default:
 		w.call(slot, r, &res)
 	}
-	w.finish(r, res)
+	w.finish(slot, r, res)
 }
 
 // call runs the Func for r on slot i. A panic becomes a *PanicError. If the
@@ -164,44 +150,22 @@ func (w *worker[Req, Res]) call(i int, r request[Req, Res], res *Result[Req, Res
 			return
 		}
 		res.Value, res.Err = *new(Res), ErrGoexit
-		w.finish(r, *res)
+		w.finish(i, r, *res)
 		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
 		go w.run(i)
 	}()
-	start := time.Now()
+	start := w.b.now()
+	w.runners[i].since.Store(start)
 	res.Value, res.Err = w.fn(ctx, r.req)
-	w.observe(time.Since(start))
+	w.observe(time.Duration(w.b.now() - start))
 	returned = true
-}
-
-// serviceSmoothing is the moving average's divisor: each run time moves the
-// average 1/serviceSmoothing of the way to it. Run times vary a lot from one
-// request to the next; a smoother average tells equal workers apart less
-// often by accident.
-const serviceSmoothing = 16
-
-// observe folds one run time of the Func into w's moving average:
-// 1/serviceSmoothing of the way from the old average to d, with d capped at
-// four times the old average so that one stall moves it little. w's slots
-// call it concurrently; each observation counts once.
-func (w *worker[Req, Res]) observe(d time.Duration) {
-	d = max(d, 1) // zero means "no observation"
-	for {
-		old := w.service.Load()
-		next := int64(d)
-		if old != 0 {
-			next = old + (min(int64(d), 4*old)-old)/serviceSmoothing
-		}
-		if w.service.CompareAndSwap(old, next) {
-			return
-		}
-	}
 }
 
 // finish hands res to the caller and the freed slot to the loop. The counters
 // are written before the completion is reported, so once the loop has seen
 // every completion they are final.
-func (w *worker[Req, Res]) finish(r request[Req, Res], res Result[Req, Res]) {
+func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req, Res]) {
+	w.runners[slot].since.Store(0)
 	if res.Err != nil {
 		w.failed.Add(1)
 	}
@@ -351,8 +315,8 @@ func goid() int64 {
 func (b *Balancer[Req, Res]) inFunc() bool {
 	id := goid()
 	for _, w := range b.roster.Load().workers {
-		for i := range w.goroutines {
-			if w.goroutines[i].Load() == id {
+		for i := range w.runners {
+			if w.runners[i].goroutine.Load() == id {
 				return true
 			}
 		}
