@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -2104,47 +2105,64 @@ func TestMethodsDuringClose(t *testing.T) {
 
 // Close's promise, exactly: when it returns, every Func has returned, every
 // accepted request has its outcome, and every goroutine the balancer
-// started has made its last call (a deferred WaitGroup.Done) — the Go
-// runtime reaps them a moment later, which synctest.Wait observes.
+// started has made its last call (a deferred WaitGroup.Done); the runtime
+// may still be reaping the last of them, which synctest.Wait waits out.
 func TestCloseReturnsWhenEverythingEnded(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		var inside atomic.Int64
-		fn := func(ctx context.Context, i int) (int, error) {
-			inside.Add(1)
-			defer inside.Add(-1)
-			time.Sleep(time.Duration(i) * time.Millisecond)
-			if i%5 == 0 {
-				runtime.Goexit() // its slot gets a new goroutine
+	var inside atomic.Int64
+	fn := func(ctx context.Context, i int) (int, error) {
+		inside.Add(1)
+		defer inside.Add(-1)
+		time.Sleep(time.Duration(i) * time.Millisecond)
+		if i%5 == 0 {
+			runtime.Goexit() // its slot gets a new goroutine
+		}
+		return i, nil
+	}
+	frames := []string{"balancer.(*worker[...]).run", "balancer.(*Balancer[...]).loop"}
+	// waiting is how a stack shows a worker goroutine at the range over
+	// its queue: the file and line of that statement.
+	src, err := os.ReadFile("worker.go")
+	require.NoError(t, err)
+	waiting := ""
+	for i, line := range strings.Split(string(src), "\n") {
+		if strings.Contains(line, "for r := range w.reqs") {
+			waiting = fmt.Sprintf("/worker.go:%d ", i+1)
+		}
+	}
+	require.NotEmpty(t, waiting)
+	for round := range 10 { // each round has a chance to catch a Close that returns early
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 3, fn, WithConcurrency(2), WithQueueDepth(3))
+			var cs []<-chan Result[int, int]
+			for i := range 18 {
+				c, err := b.Submit(context.Background(), i)
+				require.NoError(t, err)
+				cs = append(cs, c)
 			}
-			return i, nil
-		}
-		b := mustNew(t, 3, fn, WithConcurrency(2), WithQueueDepth(3))
-		var cs []<-chan Result[int, int]
-		for i := range 18 {
-			c, err := b.Submit(context.Background(), i)
-			require.NoError(t, err)
-			cs = append(cs, c)
-		}
-		synctest.Wait()
-		frames := []string{"balancer.(*worker[...]).run", "balancer.(*Balancer[...]).loop"}
-		for _, frame := range frames {
-			require.Contains(t, allStacks(), frame, "before Close")
-		}
-		require.NoError(t, b.Close())
-		assert.Zero(t, inside.Load(), "a Func still running")
-		for i, c := range cs {
-			select {
-			case r := <-c:
-				assert.Equal(t, i, r.Req)
-			default:
-				t.Errorf("request %d has no outcome yet", i)
+			synctest.Wait()
+			for _, frame := range frames {
+				require.Contains(t, allStacks(), frame, "before Close")
 			}
-		}
-		synctest.Wait()
-		for _, frame := range frames {
-			assert.NotContains(t, allStacks(), frame)
-		}
-	})
+			require.NoError(t, b.Close())
+			// Checked at once: no worker goroutine may still be at the
+			// range over its queue. (One may still be returning from run
+			// after its last call.)
+			require.NotContains(t, allStacks(), waiting, "round %d: a worker goroutine had not ended", round)
+			assert.Zero(t, inside.Load(), "a Func still running")
+			for i, c := range cs {
+				select {
+				case r := <-c:
+					assert.Equal(t, i, r.Req)
+				default:
+					t.Errorf("request %d has no outcome yet", i)
+				}
+			}
+			synctest.Wait()
+			for _, frame := range frames {
+				assert.NotContains(t, allStacks(), frame)
+			}
+		})
+	}
 }
 
 // allStacks returns the stacks of all goroutines.

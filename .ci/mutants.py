@@ -36,6 +36,10 @@ muts = {
  "FanIn send ignores ctx": ("fanin.go", "\t\t\tselect {\n\t\t\tcase out <- v:\n\t\t\tcase <-ctx.Done():\n\t\t\t\treturn\n\t\t\t}\n", "\t\t\tout <- v\n"),
  "a hold that ran out never holds again": ("balancer.go", "\tb.expired = false\n", ""),
  "Close returns before the workers end": ("balancer.go", "\tb.wg.Wait()\n\tb.abort(ErrClosed)", "\tb.abort(ErrClosed)"),
+ "a running request's age not counted": ("pool.go", "\tif now != 0 {\n\t\ts = max(s, w.oldest(now))", "\tif false {\n\t\ts = max(s, w.oldest(now))"),
+ "estimate rises as slowly as it falls": ("pool.go", "next = old + (min(next, 4*old)-old)/riseSmoothing", "next = old + (min(next, 4*old)-old)/fallSmoothing"),
+ "hold margin back at 2": ("pool.go", "const holdMargin = 1.5", "const holdMargin = 2"),
+ "estimate off by default": ("balancer.go", "depth: DefaultQueueDepth, estimate: true,", "depth: DefaultQueueDepth, estimate: false,"),
  "running never decremented": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n", "\tw.completed.Add(1)\n"),
 }
 only = sys.argv[1:]
