@@ -384,11 +384,8 @@ func offer(t testing.TB, s scenario, w workload, name string) []time.Duration {
 	var d dispatcher
 	switch name {
 	case "count", "estimate":
-		opts := []balancer.Option{balancer.WithQueueDepth(s.depth), balancer.WithConcurrency(s.concurrency)}
-		if name == "estimate" {
-			opts = append(opts, balancer.WithLoadEstimate(true))
-		}
-		b, err := balancer.New(0, serve(0), opts...)
+		b, err := balancer.New(0, serve(0), balancer.WithQueueDepth(s.depth),
+			balancer.WithConcurrency(s.concurrency), balancer.WithLoadEstimate(name == "estimate"))
 		require.NoError(t, err)
 		for i := range s.workers {
 			_, err := b.AddWorker(serve(i))
@@ -496,12 +493,32 @@ func scenarios() []scenario {
 
 var qualityDispatchers = []string{"shared", "count", "estimate", "p2c", "oracle", "roundrobin", "random"}
 
+// noStall is the row of a stall scenario that replays the same workload
+// to the balancer without the stall.
+const noStall = "estimate, no stall"
+
+// measure replays one seeded workload of n requests to every dispatcher and
+// returns the p50, p99 and p99.9 of each (see quantiles).
+func measure(t *testing.T, s scenario, names []string, seed uint64, n int) map[string][3]time.Duration {
+	w := newWorkload(s, seed, n)
+	q := map[string][3]time.Duration{}
+	for _, name := range names {
+		sc, d := s, name
+		if name == noStall {
+			sc.stallFor, d = 0, "estimate"
+		}
+		q[name] = quantiles(s, w, replay(t, sc, w, d))
+	}
+	return q
+}
+
 // TestBalanceQuality prints the balance-quality table: every scenario and
-// dispatcher, the same arrivals for every dispatcher of a scenario, in fake
-// time. It runs when BALANCER_QUALITY sets the requests per row (the table
-// in the README uses 100000); BALANCER_QUALITY_SEED replays a seed.
-// Latencies of requests arriving during a brownout or stall only, where
-// the scenario has one; for a stall, "no stall" is the same run without it.
+// dispatcher, the same arrivals and sizes for every dispatcher of a
+// scenario, in fake time. It runs when BALANCER_QUALITY sets the requests
+// per row (the README's table uses 100000); BALANCER_QUALITY_SEED replays a
+// seed and BALANCER_QUALITY_ONLY picks scenarios by a regexp on "name load".
+// Where a scenario has a brownout or stall, the figures are of the requests
+// arriving during it.
 func TestBalanceQuality(t *testing.T) {
 	n, err := strconv.Atoi(os.Getenv("BALANCER_QUALITY"))
 	if err != nil {
@@ -511,36 +528,59 @@ func TestBalanceQuality(t *testing.T) {
 	if s, err := strconv.ParseUint(os.Getenv("BALANCER_QUALITY_SEED"), 10, 64); err == nil {
 		seed = s
 	}
-	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
-	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | p99 / shared |")
-	fmt.Println("|---|---|---|---|---|---|---|")
 	only := regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
+	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
+	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | p99 ÷ shared | p99 ÷ oracle |")
+	fmt.Println("|---|---|---|---|---|---|---|---|")
 	for _, s := range scenarios() {
 		if !only.MatchString(fmt.Sprintf("%s %.1f", s.name, s.load)) {
 			continue
 		}
-		w := newWorkload(s, seed, n)
-		rows := qualityDispatchers
+		names := qualityDispatchers
 		if s.stallFor > 0 {
-			rows = append(slices.Clip(rows), "estimate, no stall")
+			names = append(slices.Clip(names), noStall)
 		}
-		var shared time.Duration
-		for _, name := range rows {
-			sc := s
-			if name == "estimate, no stall" {
-				sc.stallFor = 0
-				name = "estimate"
-			}
-			q := quantiles(s, w, replay(t, sc, w, name))
-			if name == "shared" {
-				shared = q[1]
-			}
-			if sc.stallFor == 0 && s.stallFor > 0 {
-				name = "estimate, no stall"
-			}
-			fmt.Printf("| %s | %.1f | %s | %.1f | %.1f | %.1f | %.2f |\n", s.name, s.load, name,
-				ms(q[0]), ms(q[1]), ms(q[2]), float64(q[1])/float64(shared))
+		q := measure(t, s, names, seed, n)
+		for _, name := range names {
+			fmt.Printf("| %s | %.1f | %s | %.1f | %.1f | %.1f | %.2f | %.2f |\n", s.name, s.load, name,
+				ms(q[name][0]), ms(q[name][1]), ms(q[name][2]),
+				float64(q[name][1])/float64(q["shared"][1]), float64(q[name][1])/float64(q["oracle"][1]))
 		}
+	}
+}
+
+// TestBalanceHeadlines is the balance-quality table's headline rows, small
+// enough for every run of the suite (20 000 requests a row, a new seed
+// each run), with bounds a little looser than the full table's targets.
+func TestBalanceHeadlines(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d (BALANCER_QUALITY_SEED=%d BALANCER_QUALITY=20000 go test -run TestBalanceQuality -v . prints its table)", seed, seed)
+	rows := map[string]struct {
+		name  string
+		ratio func(q map[string][3]time.Duration) float64
+		most  float64
+	}{
+		"equal 0.9": {"p99 ÷ shared", func(q map[string][3]time.Duration) float64 {
+			return float64(q["estimate"][1]) / float64(q["shared"][1])
+		}, 1.05},
+		"2 of 8 4× slower 0.7": {"p99 ÷ shared", func(q map[string][3]time.Duration) float64 {
+			return float64(q["estimate"][1]) / float64(q["shared"][1])
+		}, 0.65},
+		"2 of 8 at 1/10 for 400 ms of 2 s 0.5": {"p99 ÷ oracle", func(q map[string][3]time.Duration) float64 {
+			return float64(q["estimate"][1]) / float64(q["oracle"][1])
+		}, 1.4},
+		"8 of depth 8, one stops for 3 s 0.5": {"p99.9 ÷ no stall", func(q map[string][3]time.Duration) float64 { return float64(q["estimate"][2]) / float64(q[noStall][2]) }, 2},
+	}
+	for _, s := range scenarios() {
+		key := fmt.Sprintf("%s %.1f", s.name, s.load)
+		row, ok := rows[key]
+		if !ok {
+			continue
+		}
+		q := measure(t, s, []string{"shared", "estimate", "oracle", noStall}, seed, 20_000)
+		got := row.ratio(q)
+		t.Logf("%s: %s %.2f", key, row.name, got)
+		assert.LessOrEqual(t, got, row.most, "%s: %s", key, row.name)
 	}
 }
 
