@@ -1,9 +1,10 @@
 // Package balancer dispatches requests to a set of workers so that each
-// request goes to the worker with the fewest requests pending (queued or
-// running) per request it can run at once. Among equally loaded workers
-// the one that has waited longest since its last request wins, so light
-// load spreads over all of them. [WithWeight] and [WithLoadEstimate] weigh
-// each worker's load by its known or measured speed.
+// request goes to the worker where it is expected to finish first: the
+// worker with the fewest requests pending (queued or running) per request
+// it can run at once, weighed by its measured speed. Among equally loaded
+// workers the one that has waited longest since its last request wins, so
+// light load spreads over all of them. With [WithLoadEstimate](false) the
+// rule is the plain count, which [WithWeight] can weigh by known speeds.
 //
 // A [Balancer] is a worker pool with a scheduler in front: like a pool it
 // runs a [Func] per worker on goroutines of its own, but each worker has a
@@ -157,7 +158,7 @@ func (d depthOption) apply(o *options) { o.depth = int(d) }
 // it goes to the worker that really frees first, which gives the best tail
 // latency. A deeper queue commits requests to a worker early; it pays when
 // a Func takes about as long as a dispatch, so that a worker can start its
-// next request without waiting for the loop, and it lets WithLoadEstimate
+// next request without waiting for the loop, and it lets the load estimate
 // queue work behind fast workers. New rejects n outside [1,
 // MaxQueueDepth], and any worker whose c × n exceeds MaxQueueDepth, with
 // ErrInvalidArgument.
@@ -223,32 +224,36 @@ type weightOption float64
 func (w weightOption) apply(o *options)             { o.worker.weight = float64(w) }
 func (w weightOption) applyWorker(o *workerOptions) { o.weight = float64(w) }
 
-// WithWeight gives a worker a speed relative to the others (default 1): a
-// worker of weight 2 is taken to serve each request twice as fast, so it
-// is preferred while it has up to twice the pending requests per slot of a
-// weight-1 worker. (A worker that serves more requests at once, rather
-// than each faster, wants WithConcurrency.) Rejected with
-// ErrInvalidArgument unless positive and finite. Ignored with
-// WithLoadEstimate, which measures instead.
+// WithWeight gives a worker a speed relative to the others (default 1),
+// for a balancer with WithLoadEstimate(false), which does not measure
+// speeds: a worker of weight 2 is taken to serve each request twice as
+// fast, so it is preferred while it has up to twice the pending requests
+// per slot of a weight-1 worker. (A worker that serves more requests at
+// once, rather than each faster, wants WithConcurrency.) With the load
+// estimate, the default, the measured speed decides and the weight is only
+// reported in Stats. Rejected with ErrInvalidArgument unless positive and
+// finite.
 func WithWeight(w float64) WorkerOption { return weightOption(w) }
 
-// A Balancer sends each request to the worker with the fewest pending
-// requests per slot. Create one with New or NewFrom; the zero value is not
+// A Balancer sends each request to the worker where it is expected to
+// finish first. Create one with New or NewFrom; the zero value is not
 // usable.
 //
 // The model: a worker runs up to its concurrency c requests at once
 // (WithConcurrency, default 1) and holds at most c × depth pending, running
 // or queued (WithQueueDepth, default 1: nothing queued at the worker). Its
-// load is pending ÷ (c × weight), or with WithLoadEstimate the expected time
-// to finish one more request there. When every worker is at its limit,
-// requests wait in front of the balancer, in Do or Submit.
+// load is the expected time to finish one more request there, from its
+// measured service time and pending requests (or, with
+// WithLoadEstimate(false), pending ÷ (c × weight)). When every worker is at
+// its limit, requests wait in front of the balancer, in Do or Submit.
 //
 // Most callers want Do, which runs one request and returns its result.
 // Submit returns at once with a channel for the result, for callers that
 // keep several requests in flight; TrySubmit never waits for capacity.
 // When every worker is at its limit, Do and Submit wait until a slot frees
-// or their ctx is done. (WithLoadEstimate also makes them wait while a busy
-// worker is expected to serve them much sooner than a free slow one.)
+// or their ctx is done. They also wait, briefly, while a busy worker is
+// expected to serve them much sooner than a free slow one (see
+// WithLoadEstimate).
 //
 // Every accepted request gets exactly one outcome: the Func's result, its
 // error unchanged, a *PanicError, ErrGoexit, the request's ctx.Err() if it
@@ -266,7 +271,7 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // through Do with a context that cannot be cancelled, no allocation.
 type Balancer[Req, Res any] struct {
 	depth    int
-	estimate bool                    // WithLoadEstimate
+	estimate bool                    // WithLoadEstimate, on by default
 	defaults workerOptions           // for AddWorker, from New's options
 	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
 	done     chan *worker[Req, Res]  // completions, buffered: see the loop for why a send never waits long
@@ -294,7 +299,7 @@ type Balancer[Req, Res any] struct {
 	pending  int   // over all workers, as of the completions taken
 	draining int   // removed workers not yet retired
 
-	// Holding back, with WithLoadEstimate only (see holdBack); owned by
+	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
 	busy     int         // full workers with a mean service time
 	busyRate float64     // the sum of their service rates (c/s each), in requests per ns
@@ -431,8 +436,8 @@ func start[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opts []Op
 }
 
 // Do runs req on the least-loaded worker and returns its outcome (see
-// Balancer). It waits for capacity if every worker is full, or while
-// WithLoadEstimate holds it back for a faster worker. If ctx ends
+// Balancer). It waits for capacity if every worker is full, or while the
+// load estimate holds it back for a faster worker. If ctx ends
 // first, Do returns ctx.Err() at once, even while the Func runs; the request
 // then still runs to completion unless it had not started. Do returns
 // ErrClosed after Close or Shutdown began, and ErrInvalidArgument for a nil
@@ -464,7 +469,7 @@ func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
 // Submit hands req to the least-loaded worker and returns a channel that
 // yields its one Result and is then closed. Nobody blocks if the caller never
 // reads it. Submit waits for capacity if every worker is full, or while
-// WithLoadEstimate holds it back for a faster worker; it returns
+// the load estimate holds it back for a faster worker; it returns
 // ctx.Err() if ctx ends first, ErrClosed after Close or Shutdown began, and
 // ErrInvalidArgument for a nil ctx. If ctx ends after Submit returns but
 // before a worker starts the request, the request is not run and its

@@ -58,7 +58,7 @@ type worker[Req, Res any] struct {
 
 	// Owned by the loop.
 	pending int     // requests queued or running, as of the completions taken
-	unit    float64 // 1/(concurrency × weight): a request's share of the cost without WithLoadEstimate
+	unit    float64 // 1/(concurrency × weight): a request's share of the cost without the load estimate
 	handle  int     // the pool's name for it while it is in the heap
 	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
 	removed bool
@@ -196,7 +196,7 @@ type Stats struct {
 	// Panics counts Funcs that panicked (each also counts as Failed).
 	Panics uint64
 	// Waiting counts callers blocked in Do or Submit because every worker
-	// is full (or, with WithLoadEstimate, held back for a faster one): the
+	// is full (or held back for a faster one, see WithLoadEstimate): the
 	// backlog in front of the balancer.
 	Waiting int
 }
@@ -216,7 +216,7 @@ type WorkerStats struct {
 	Panics    uint64 // of those, Func panics
 	// MeanService is a moving average of the Func's run time on this
 	// worker (see WithLoadEstimate for how it moves); 0 before it first
-	// ran. It is kept with or without WithLoadEstimate.
+	// ran. It is kept with or without the load estimate.
 	MeanService time.Duration
 	Weight      float64 // as given by WithWeight; 1 by default
 	Removed     bool    // RemoveWorker was called; it is finishing its queue
