@@ -24,6 +24,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"iter"
 	"math"
 	"sync"
 	"sync/atomic"
@@ -503,7 +504,7 @@ func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Res
 		return nil, err
 	}
 	reply := make(chan Result[Req, Res], 1)
-	r := request[Req, Res]{ctx: ctx, req: req, reply: reply}
+	r := request[Req, Res]{ctx: ctx, req: req, reply: reply, at: b.now()}
 	rep, err := b.command(&command[Req, Res]{op: opTry, req: r})
 	switch {
 	case err != nil:
@@ -512,6 +513,75 @@ func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Res
 		return nil, ErrFull
 	}
 	return reply, nil
+}
+
+// All runs every request reqs yields (slices.Values turns a slice into
+// one) and yields each one's place in reqs and Result as it finishes, in no
+// set order: put Value at results[i] to keep the order of reqs. It keeps
+// as many requests in flight as the workers can hold when All starts
+// (concurrency × depth each, at least 1), submitting while it collects, so
+// every worker stays busy; when they are all full, it waits like Submit.
+//
+// Breaking out of the loop, say at the first error, stops All: it submits
+// no more, and cancels the ctx of the requests in flight, whose outcomes
+// are dropped. If a request is refused (ErrClosed after Close began,
+// ctx.Err() once ctx ends, ErrInvalidArgument for a nil ctx), All yields
+// it with that error, submits no more and yields the outcomes of those in
+// flight. All starts no goroutine.
+func (b *Balancer[Req, Res]) All(ctx context.Context, reqs iter.Seq[Req]) iter.Seq2[int, Result[Req, Res]] {
+	return func(yield func(int, Result[Req, Res]) bool) {
+		run, cancel := ctx, context.CancelFunc(noop)
+		if ctx != nil {
+			run, cancel = context.WithCancel(ctx)
+		}
+		defer cancel()
+		limit := max(b.capacity(), 1)
+		// Every request in flight has room in done, so no worker waits
+		// to deliver even when the loop below does not collect.
+		done := make(chan indexed[Req, Res], limit)
+		inflight, i := 0, 0
+		collect := func() bool {
+			x := <-done
+			inflight--
+			return yield(x.i, x.res)
+		}
+		for req := range reqs {
+			for inflight == limit {
+				if !collect() {
+					return
+				}
+			}
+			if err := b.submit(request[Req, Res]{ctx: run, req: req, batch: done, index: i}); err != nil {
+				if !yield(i, Result[Req, Res]{Req: req, Err: err}) {
+					return
+				}
+				break
+			}
+			inflight++
+			i++
+			for len(done) > 0 { // what finished meanwhile, without waiting
+				if !collect() {
+					return
+				}
+			}
+		}
+		for inflight > 0 {
+			if !collect() {
+				return
+			}
+		}
+	}
+}
+
+// capacity returns how many requests the workers not removed can hold.
+func (b *Balancer[Req, Res]) capacity() int {
+	n := 0
+	for _, w := range b.roster.Load().workers {
+		if !w.gone.Load() {
+			n += w.limit
+		}
+	}
+	return n
 }
 
 // AddWorker starts a worker running fn and returns its ID, which no other
@@ -613,6 +683,7 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 	if ctx == nil {
 		return errNilContext
 	}
+	r.at = b.now()
 	// Checked first so that a request made after Close began, or with a
 	// ctx already done, fails deterministically instead of racing the
 	// loop in the select below.

@@ -7,11 +7,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"math/rand/v2"
 	"os"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -714,7 +716,7 @@ func TestConcurrencyBoundsRunning(t *testing.T) {
 			cs = append(cs, c)
 		}
 		synctest.Wait()
-		ws := b.Stats().Workers[0]
+		ws := untimed(b.Stats().Workers[0])
 		assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 6, Running: 3, Queued: 3, Weight: 1}, ws)
 		_, err := b.TrySubmit(context.Background(), 6)
 		assert.ErrorIs(t, err, ErrFull, "3 × 2 pending is the limit")
@@ -875,7 +877,7 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 				assert.ErrorIs(t, err, ErrGoexit)
 			}
 			synctest.Wait()
-			assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 1, Running: 1, Completed: 10, Failed: 10, Panics: 5, Weight: 1}, withoutService(b.Stats().Workers[0]))
+			assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 1, Running: 1, Completed: 10, Failed: 10, Panics: 5, Weight: 1}, untimed(b.Stats().Workers[0]))
 			// Both free slots still serve, at once.
 			var cs []<-chan Result[int, int]
 			for i := range 2 {
@@ -1012,9 +1014,9 @@ func TestWorkerOptionsGivenToNewAreDefaults(t *testing.T) {
 	assert.Equal(t, [][2]float64{{3, 2}, {3, 2}, {1, 2}}, got)
 }
 
-// withoutService zeroes the one figure that depends on timing.
-func withoutService(w WorkerStats) WorkerStats {
-	w.MeanService = 0
+// untimed zeroes the moving averages, which depend on timing.
+func untimed(w WorkerStats) WorkerStats {
+	w.MeanService, w.MeanWait = 0, 0
 	return w
 }
 
@@ -1139,6 +1141,37 @@ func TestBadInput(t *testing.T) {
 	v, err := b.Do(context.Background(), 5)
 	assert.NoError(t, err, "still usable after the bad calls")
 	assert.Equal(t, 25, v)
+}
+
+// Stats reports how long requests waited for a slot, from the call to the
+// start: one worker serving in 10 ms and three callers at once wait 0, 10
+// and 20 ms.
+func TestStatsReportWaits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			time.Sleep(10 * time.Millisecond)
+			return i, nil
+		})
+		defer b.Close()
+		var wg sync.WaitGroup
+		for i := range 3 {
+			wg.Go(func() {
+				_, err := b.Do(context.Background(), i)
+				assert.NoError(t, err)
+			})
+		}
+		wg.Wait()
+		s := b.Stats()
+		// The first wait, 0, counts as 1 ns; then 1/16 of the way to
+		// 10 ms, and 1/16 of the way from there to 20 ms.
+		const mean = 625000 + (20_000_000-625000)/16
+		assert.Equal(t, time.Duration(mean), s.MeanWait)
+		assert.Equal(t, 30*time.Millisecond, s.TotalWait)
+		assert.Equal(t, time.Duration(mean), s.Workers[0].MeanWait)
+		assert.Equal(t, 30*time.Millisecond, s.Workers[0].TotalWait)
+		require.NoError(t, b.RemoveWorker(context.Background(), 0))
+		assert.Equal(t, 30*time.Millisecond, b.Stats().TotalWait, "a retired worker's waits stay in the total")
+	})
 }
 
 // 9. Stats under concurrency (run with -race): at every instant each
@@ -2169,6 +2202,122 @@ func TestCloseReturnsWhenEverythingEnded(t *testing.T) {
 func allStacks() string {
 	buf := make([]byte, 1<<20)
 	return string(buf[:runtime.Stack(buf, true)])
+}
+
+// 11. All, and Stats for people.
+
+// All yields every request's place and outcome, keeps every worker busy,
+// and stops cleanly when the caller breaks out.
+func TestAll(t *testing.T) {
+	ctx := context.Background()
+	t.Run("every result, each with its place", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var running, most atomic.Int64
+			b := mustNew(t, 3, func(ctx context.Context, i int) (int, error) {
+				n := running.Add(1)
+				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+				}
+				time.Sleep(time.Duration(1+i%3) * time.Millisecond)
+				running.Add(-1)
+				return i * i, nil
+			}, WithConcurrency(2))
+			defer b.Close()
+			got := make([]int, 60)
+			start := time.Now()
+			for i, r := range b.All(ctx, slices.Values(upTo(60))) {
+				require.NoError(t, r.Err)
+				assert.Equal(t, i, r.Req)
+				got[i] = r.Value
+			}
+			for i, v := range got {
+				assert.Equal(t, i*i, v)
+			}
+			assert.Equal(t, int64(6), most.Load(), "every slot was busy")
+			assert.LessOrEqual(t, time.Since(start), 23*time.Millisecond, "60 requests of 2 ms on average over 6 slots: 20 ms, and at most one request more")
+		})
+	})
+	t.Run("breaking out cancels what is in flight", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			errOdd := errors.New("odd")
+			var ran atomic.Int64
+			b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+				ran.Add(1)
+				if i == 3 {
+					return 0, errOdd
+				}
+				<-ctx.Done() // the others run until All cancels them
+				return 0, ctx.Err()
+			}, WithConcurrency(2))
+			defer b.Close()
+			var first error
+			for _, r := range b.All(ctx, slices.Values(upTo(100))) {
+				if r.Err != nil {
+					first = r.Err
+					break
+				}
+			}
+			assert.ErrorIs(t, first, errOdd)
+			synctest.Wait()
+			assert.Zero(t, b.Stats().Pending, "the rest were cancelled")
+			assert.LessOrEqual(t, ran.Load(), int64(4), "nothing submitted after the break")
+		})
+	})
+	t.Run("a refused request ends it", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 1, square)
+			require.NoError(t, b.Close())
+			var got []Result[int, int]
+			for _, r := range b.All(ctx, slices.Values(upTo(3))) {
+				got = append(got, r)
+			}
+			require.Len(t, got, 1)
+			assert.ErrorIs(t, got[0].Err, ErrClosed)
+			var nilCtx context.Context
+			b = mustNew(t, 1, square)
+			defer b.Close()
+			for i, r := range b.All(nilCtx, slices.Values(upTo(3))) {
+				assert.Equal(t, 0, i)
+				assert.ErrorIs(t, r.Err, ErrInvalidArgument)
+			}
+		})
+	})
+}
+
+// upTo returns 0, 1, ..., n-1.
+func upTo(n int) []int {
+	s := make([]int, n)
+	for i := range s {
+		s[i] = i
+	}
+	return s
+}
+
+func TestStatsForPeople(t *testing.T) {
+	s := Stats{
+		Accepted: 10, Pending: 2, Completed: 8, Failed: 1, Waiting: 3, MeanWait: time.Millisecond, TotalWait: time.Second,
+		Workers: []WorkerStats{
+			{ID: 0, Concurrency: 4, Pending: 2, Running: 2, Completed: 5, Failed: 1, MeanService: 2 * time.Millisecond, MeanWait: time.Millisecond, Weight: 1},
+			{ID: 3, Concurrency: 1, Completed: 3, Weight: 2, Removed: true},
+		},
+	}
+	assert.Equal(t, "accepted 10, pending 2, completed 8 (1 failed, 0 panicked), waiting 3, wait 1ms; "+
+		"worker 0: 2/4 running, 0 queued, 5 completed (1 failed, 0 panicked), service 2ms, wait 1ms; "+
+		"worker 3: 0/1 running, 0 queued, 3 completed (0 failed, 0 panicked), service 0s, wait 0s, weight 2, removed", s.String())
+	var buf strings.Builder
+	slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
+		if len(groups) == 0 && (a.Key == slog.TimeKey || a.Key == slog.LevelKey) {
+			return slog.Attr{}
+		}
+		return a
+	}})).Info("balancer", "stats", s)
+	assert.Equal(t, "msg=balancer stats.accepted=10 stats.pending=2 stats.completed=8 stats.failed=1 stats.panics=0 "+
+		"stats.waiting=3 stats.mean_wait=1ms stats.total_wait=1s "+
+		"stats.workers.0.concurrency=4 stats.workers.0.running=2 stats.workers.0.queued=0 stats.workers.0.completed=5 "+
+		"stats.workers.0.failed=1 stats.workers.0.panics=0 stats.workers.0.mean_service=2ms stats.workers.0.mean_wait=1ms "+
+		"stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false "+
+		"stats.workers.3.concurrency=1 stats.workers.3.running=0 stats.workers.3.queued=0 stats.workers.3.completed=3 "+
+		"stats.workers.3.failed=0 stats.workers.3.panics=0 stats.workers.3.mean_service=0s stats.workers.3.mean_wait=0s "+
+		"stats.workers.3.total_wait=0s stats.workers.3.weight=2 stats.workers.3.removed=true\n", buf.String())
 }
 
 // Misuse that other pools hang or panic on.

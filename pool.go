@@ -3,6 +3,7 @@ package balancer
 import (
 	"container/heap"
 	"math"
+	"sync/atomic"
 	"time"
 )
 
@@ -217,6 +218,32 @@ const (
 	riseSmoothing = 4
 	fallSmoothing = 16
 )
+
+// observeWait folds the wait of a request that w's slot starts into w's
+// total and moving average, 1/fallSmoothing of the way either way: a wait
+// is for the operator, not for the policy, and an average that steps
+// evenly reads best. w's slots call it concurrently; each wait counts
+// once. (The balancer-wide average is computed by Stats from the workers',
+// which keeps a line of memory shared by every worker off the hot path.)
+func observeWait[Req, Res any](w *worker[Req, Res], d time.Duration) {
+	w.waited.Add(int64(d))
+	ewma(&w.wait, int64(max(d, 1))) // zero means "no observation"
+}
+
+// ewma moves the average in a 1/fallSmoothing of the way to d, or sets it
+// to d if it has none yet.
+func ewma(a *atomic.Int64, d int64) {
+	for {
+		old := a.Load()
+		next := d
+		if old != 0 {
+			next = old + (d-old)/fallSmoothing
+		}
+		if a.CompareAndSwap(old, next) {
+			return
+		}
+	}
+}
 
 // observe folds one run time of the Func into w's moving average. w's
 // slots call it concurrently; each observation counts once.

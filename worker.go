@@ -2,8 +2,12 @@ package balancer
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"runtime"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -12,14 +16,27 @@ import (
 type request[Req, Res any] struct {
 	ctx   context.Context
 	req   Req
-	reply chan<- Result[Req, Res] // capacity 1 and sent to once, so the send never blocks
-	keep  bool                    // reply is Do's pooled channel: leave it open for reuse
-	cmd   *command[Req, Res]      // not a request but a command for the loop (see Balancer.command)
+	reply chan<- Result[Req, Res]  // capacity 1 and sent to once, so the send never blocks
+	keep  bool                     // reply is shared or pooled: leave it open for reuse
+	cmd   *command[Req, Res]       // not a request but a command for the loop (see Balancer.command)
+	at    int64                    // b.now() when the caller asked: its wait starts here
+	batch chan<- indexed[Req, Res] // instead of reply, for All: shared, with room for every request in flight
+	index int                      // r's place in its batch
+}
+
+// indexed is an outcome on its way to All, with its request's place.
+type indexed[Req, Res any] struct {
+	i   int
+	res Result[Req, Res]
 }
 
 // deliver sends r's one outcome. Whoever ends a request (its worker, or the
 // loop when Shutdown gives up) is the reply channel's only sender.
 func (r request[Req, Res]) deliver(res Result[Req, Res]) {
+	if r.batch != nil {
+		r.batch <- indexed[Req, Res]{r.index, res}
+		return
+	}
 	r.reply <- res
 	if !r.keep {
 		close(r.reply)
@@ -73,6 +90,8 @@ type worker[Req, Res any] struct {
 	completed atomic.Uint64 // outcomes this worker delivered; its slots write the rest
 	running   atomic.Int64  // requests a slot has taken and not finished
 	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
+	wait      atomic.Int64  // moving average of the waits of the requests it started, in ns
+	waited    atomic.Int64  // the sum of those waits, in ns
 	failed    atomic.Uint64
 	panics    atomic.Uint64
 }
@@ -119,6 +138,8 @@ func (w *worker[Req, Res]) run(i int) {
 // serve delivers exactly one outcome for r and then reports the freed slot.
 func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	w.running.Add(1)
+	start := w.b.now()
+	observeWait(w, time.Duration(start-r.at))
 	res := Result[Req, Res]{Req: r.req, Worker: w.id}
 	switch {
 	case w.b.abortCtx.Err() != nil:
@@ -126,7 +147,7 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	case r.ctx.Err() != nil:
 		res.Err = r.ctx.Err() // not run: its caller no longer wants it
 	default:
-		w.call(slot, r, &res)
+		w.call(slot, start, r, &res)
 	}
 	w.finish(slot, r, res)
 }
@@ -135,7 +156,7 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 // Func calls runtime.Goexit, this goroutine cannot be saved: call delivers
 // the outcome itself, frees the slot and starts a replacement goroutine for
 // it, which takes over its count in live.
-func (w *worker[Req, Res]) call(i int, r request[Req, Res], res *Result[Req, Res]) {
+func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) {
 	ctx, cancel := w.b.runContext(r.ctx)
 	returned := false
 	defer func() {
@@ -154,7 +175,6 @@ func (w *worker[Req, Res]) call(i int, r request[Req, Res], res *Result[Req, Res
 		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
 		go w.run(i)
 	}()
-	start := w.b.now()
 	w.runners[i].since.Store(start)
 	res.Value, res.Err = w.fn(ctx, r.req)
 	w.observe(time.Duration(w.b.now() - start))
@@ -199,6 +219,15 @@ type Stats struct {
 	// is full (or held back for a faster one, see WithLoadEstimate): the
 	// backlog in front of the balancer.
 	Waiting int
+	// MeanWait is how long requests waited for a slot lately, from the
+	// call (Do, Submit, TrySubmit) to a slot starting them: the workers'
+	// MeanWait averaged, each weighted by the requests it completed. 0
+	// before the first.
+	MeanWait time.Duration
+	// TotalWait is the sum of those waits over all requests started, for
+	// rates: TotalWait's rise over Completed's is the mean wait in a
+	// window.
+	TotalWait time.Duration
 }
 
 // WorkerStats describes one worker.
@@ -218,8 +247,13 @@ type WorkerStats struct {
 	// worker (see WithLoadEstimate for how it moves); 0 before it first
 	// ran. It is kept with or without the load estimate.
 	MeanService time.Duration
-	Weight      float64 // as given by WithWeight; 1 by default
-	Removed     bool    // RemoveWorker was called; it is finishing its queue
+	// MeanWait is a moving average of the waits of the requests this
+	// worker started, from the call to the start, each moving it 1/16 of
+	// the way; TotalWait is their sum.
+	MeanWait  time.Duration
+	TotalWait time.Duration
+	Weight    float64 // as given by WithWeight; 1 by default
+	Removed   bool    // RemoveWorker was called; it is finishing its queue
 }
 
 // Stats returns a snapshot of the balancer's figures. It never blocks, and
@@ -232,10 +266,12 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 		Completed: r.retired.completed,
 		Failed:    r.retired.failed,
 		Panics:    r.retired.panics,
+		TotalWait: time.Duration(r.retired.waited),
 	}
+	var weighted, weights float64
 	for i, w := range r.workers {
 		pending, completed := w.load()
-		c := counts{completed, w.failed.Load(), w.panics.Load()}
+		c := counts{completed, w.failed.Load(), w.panics.Load(), w.waited.Load()}
 		// A slot counts a request as completed before it stops counting
 		// it as running, so running may be one ahead of pending here.
 		running := min(int(w.running.Load()), pending)
@@ -249,6 +285,8 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 			Failed:      c.failed,
 			Panics:      c.panics,
 			MeanService: time.Duration(w.service.Load()),
+			MeanWait:    time.Duration(w.wait.Load()),
+			TotalWait:   time.Duration(c.waited),
 			Weight:      w.weight,
 			Removed:     w.gone.Load(),
 		}
@@ -257,6 +295,12 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 		s.Completed += c.completed
 		s.Failed += c.failed
 		s.Panics += c.panics
+		s.TotalWait += ws.TotalWait
+		weighted += float64(ws.MeanWait) * float64(ws.Completed)
+		weights += float64(ws.Completed)
+	}
+	if weights > 0 {
+		s.MeanWait = time.Duration(weighted / weights)
 	}
 	// Read after the completions it must not be less than: a request is
 	// accepted before it can complete.
@@ -264,6 +308,76 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	s.Waiting = int(b.waiting.Load())
 	return s
 }
+
+// String is one line for people: the totals, then each worker.
+func (s Stats) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "accepted %d, pending %d, completed %d (%d failed, %d panicked), waiting %d, wait %v",
+		s.Accepted, s.Pending, s.Completed, s.Failed, s.Panics, s.Waiting, s.MeanWait)
+	for _, w := range s.Workers {
+		b.WriteString("; ")
+		b.WriteString(w.String())
+	}
+	return b.String()
+}
+
+// String is one line for people, such as "worker 2: 3/4 running, 1
+// queued, 120 completed (2 failed, 0 panicked), service 2ms, wait 150µs".
+// Weight appears if it is not 1, and "removed" if RemoveWorker was called.
+func (w WorkerStats) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "worker %d: %d/%d running, %d queued, %d completed (%d failed, %d panicked), service %v, wait %v",
+		w.ID, w.Running, w.Concurrency, w.Queued, w.Completed, w.Failed, w.Panics, w.MeanService, w.MeanWait)
+	if w.Weight != 1 {
+		fmt.Fprintf(&b, ", weight %v", w.Weight)
+	}
+	if w.Removed {
+		b.WriteString(", removed")
+	}
+	return b.String()
+}
+
+// LogValue makes Stats a structured slog group: the totals, and a group
+// "workers" with one group per worker, keyed by ID.
+func (s Stats) LogValue() slog.Value {
+	workers := make([]slog.Attr, len(s.Workers))
+	for i, w := range s.Workers {
+		workers[i] = slog.Any(strconv.Itoa(w.ID), w)
+	}
+	return slog.GroupValue(
+		slog.Uint64("accepted", s.Accepted),
+		slog.Int("pending", s.Pending),
+		slog.Uint64("completed", s.Completed),
+		slog.Uint64("failed", s.Failed),
+		slog.Uint64("panics", s.Panics),
+		slog.Int("waiting", s.Waiting),
+		slog.Duration("mean_wait", s.MeanWait),
+		slog.Duration("total_wait", s.TotalWait),
+		slog.Attr{Key: "workers", Value: slog.GroupValue(workers...)},
+	)
+}
+
+// LogValue makes WorkerStats a structured slog group of its figures.
+func (w WorkerStats) LogValue() slog.Value {
+	return slog.GroupValue(
+		slog.Int("concurrency", w.Concurrency),
+		slog.Int("running", w.Running),
+		slog.Int("queued", w.Queued),
+		slog.Uint64("completed", w.Completed),
+		slog.Uint64("failed", w.Failed),
+		slog.Uint64("panics", w.Panics),
+		slog.Duration("mean_service", w.MeanService),
+		slog.Duration("mean_wait", w.MeanWait),
+		slog.Duration("total_wait", w.TotalWait),
+		slog.Float64("weight", w.Weight),
+		slog.Bool("removed", w.Removed),
+	)
+}
+
+var (
+	_ slog.LogValuer = Stats{}
+	_ slog.LogValuer = WorkerStats{}
+)
 
 // roster is what Stats reads: the workers not yet retired, in ID order, and
 // the final counts of those retired. The loop replaces it whole, never
@@ -273,10 +387,13 @@ type roster[Req, Res any] struct {
 	retired counts
 }
 
-type counts struct{ completed, failed, panics uint64 }
+type counts struct {
+	completed, failed, panics uint64
+	waited                    int64 // ns
+}
 
 func (c counts) plus(d counts) counts {
-	return counts{c.completed + d.completed, c.failed + d.failed, c.panics + d.panics}
+	return counts{c.completed + d.completed, c.failed + d.failed, c.panics + d.panics, c.waited + d.waited}
 }
 
 // load returns the worker's pending and completed requests at one instant:
@@ -292,7 +409,7 @@ func (w *worker[Req, Res]) load() (pending int, completed uint64) {
 }
 
 func (w *worker[Req, Res]) counts() counts {
-	return counts{w.completed.Load(), w.failed.Load(), w.panics.Load()}
+	return counts{w.completed.Load(), w.failed.Load(), w.panics.Load(), w.waited.Load()}
 }
 
 // goid returns the ID of the calling goroutine, read from the header of its
