@@ -7,6 +7,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go/ast"
+	"go/doc"
+	"go/parser"
+	"go/token"
 	"log/slog"
 	"math"
 	"math/rand/v2"
@@ -2318,6 +2322,50 @@ func TestStatsForPeople(t *testing.T) {
 		"stats.workers.3.concurrency=1 stats.workers.3.running=0 stats.workers.3.queued=0 stats.workers.3.completed=3 "+
 		"stats.workers.3.failed=0 stats.workers.3.panics=0 stats.workers.3.mean_service=0s stats.workers.3.mean_wait=0s "+
 		"stats.workers.3.total_wait=0s stats.workers.3.weight=2 stats.workers.3.removed=true\n", buf.String())
+}
+
+// 12. Documentation that cannot drift.
+
+// Every exported function and method has an example that go test runs,
+// and every Go block in the README is the text of one.
+func TestDocsAreExamples(t *testing.T) {
+	fset := token.NewFileSet()
+	var files []*ast.File
+	for _, name := range []string{"balancer.go", "pool.go", "worker.go", "fanin.go", "example_test.go"} {
+		f, err := parser.ParseFile(fset, name, nil, parser.ParseComments)
+		require.NoError(t, err)
+		files = append(files, f)
+	}
+	p, err := doc.NewFromFiles(fset, files, "github.com/leastload/balancer")
+	require.NoError(t, err)
+	has := func(name string, examples []*doc.Example) {
+		t.Helper()
+		assert.NotEmpty(t, examples, "%s has no example", name)
+	}
+	for _, f := range p.Funcs {
+		has(f.Name, f.Examples)
+	}
+	for _, typ := range p.Types {
+		for _, f := range typ.Funcs {
+			has(f.Name, f.Examples)
+		}
+		for _, m := range typ.Methods {
+			has(typ.Name+"."+m.Name, m.Examples)
+		}
+	}
+
+	readme, err := os.ReadFile("README.md")
+	require.NoError(t, err)
+	examples, err := os.ReadFile("example_test.go")
+	require.NoError(t, err)
+	blocks := strings.Split(string(readme), "```go\n")[1:]
+	require.NotEmpty(t, blocks)
+	for _, block := range blocks {
+		block = block[:strings.Index(block, "```")]
+		indented := "\t" + strings.ReplaceAll(strings.TrimSuffix(block, "\n"), "\n", "\n\t")
+		indented = strings.ReplaceAll(indented, "\n\t\n", "\n\n") // blank lines carry no tab
+		assert.Contains(t, string(examples), indented+"\n", "a README block is not an example's text")
+	}
 }
 
 // Misuse that other pools hang or panic on.

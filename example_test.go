@@ -2,13 +2,20 @@ package balancer_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"expvar"
 	"fmt"
 	"io"
+	"log"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,21 +24,410 @@ import (
 	"github.com/leastload/balancer"
 )
 
-// ExampleNew is the quick start: a balancer of four workers that upper-case
-// strings, called through Do.
+// ExampleNew is the README's quick start: a balancer of four workers that
+// upper-case strings, called through Do.
 func ExampleNew() {
 	upper := func(ctx context.Context, s string) (string, error) {
 		return strings.ToUpper(s), nil
 	}
-	b, err := balancer.New(4, upper)
+	b, err := balancer.New(4, upper) // 4 workers, each running upper
 	if err != nil {
-		panic(err)
+		log.Fatal(err)
 	}
 	defer b.Close()
 
-	s, err := b.Do(context.Background(), "hello, balancer")
-	fmt.Println(s, err)
-	// Output: HELLO, BALANCER <nil>
+	s, err := b.Do(context.Background(), "hello, balancer") // on the least-loaded worker
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(s)
+	// Output: HELLO, BALANCER
+}
+
+// ExampleBalancer_Do bounds a request with a deadline: Do returns the
+// Func's result, or ctx's error as soon as ctx ends.
+func ExampleBalancer_Do() {
+	length := func(ctx context.Context, host string) (int, error) { return len(host), nil }
+	b, err := balancer.New(2, length)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	n, err := b.Do(ctx, "example.com")
+	fmt.Println(n, err)
+	// Output: 11 <nil>
+}
+
+// ExampleBalancer_TrySubmit sheds load: an HTTP handler answers 503 at
+// once when every worker is busy, instead of queueing the request. The
+// request's context reaches the Func as with Submit.
+func ExampleBalancer_TrySubmit() {
+	release := make(chan struct{})
+	render := func(ctx context.Context, path string) (string, error) {
+		<-release // a slow page
+		return "rendered " + path, nil
+	}
+	b, err := balancer.New(1, render) // one worker, nothing queued
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c, err := b.TrySubmit(r.Context(), r.URL.Path)
+		if err != nil { // ErrFull, or ErrClosed while shutting down
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprint(w, (<-c).Value)
+	})
+
+	first := httptest.NewRecorder()
+	served := make(chan struct{})
+	go func() {
+		handler.ServeHTTP(first, httptest.NewRequest("GET", "/a", nil))
+		close(served)
+	}()
+	for b.Stats().Pending == 0 { // wait until /a holds the worker
+		runtime.Gosched()
+	}
+	second := httptest.NewRecorder()
+	handler.ServeHTTP(second, httptest.NewRequest("GET", "/b", nil))
+	fmt.Print(second.Code, " ", second.Body.String())
+	close(release)
+	<-served
+	fmt.Println(first.Code, first.Body.String())
+	// Output:
+	// 503 balancer: every worker is full
+	// 200 rendered /a
+}
+
+// ExampleBalancer_AddWorker scales out while requests flow: a worker added
+// later gets the next request, and takes the balancer's worker options
+// unless given its own.
+func ExampleBalancer_AddWorker() {
+	echo := func(ctx context.Context, s string) (string, error) { return s, nil }
+	b, err := balancer.New(1, echo, balancer.WithConcurrency(4))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	id, err := b.AddWorker(echo) // concurrency 4, like New's
+	fmt.Println("added worker", id, err)
+	id, err = b.AddWorker(echo, balancer.WithConcurrency(16)) // a bigger backend
+	fmt.Println("added worker", id, err)
+	for _, w := range b.Stats().Workers {
+		fmt.Printf("worker %d serves %d at once\n", w.ID, w.Concurrency)
+	}
+	// Output:
+	// added worker 1 <nil>
+	// added worker 2 <nil>
+	// worker 0 serves 4 at once
+	// worker 1 serves 4 at once
+	// worker 2 serves 16 at once
+}
+
+// ExampleBalancer_RemoveWorker retires a backend that died: its own Func
+// removes its worker and fails the request, and the rest go to the
+// backends that are left. From inside a Func, RemoveWorker returns as soon
+// as the removal stands.
+func ExampleBalancer_RemoveWorker() {
+	var b *balancer.Balancer[string, string]
+	backend := func(id int, alive bool) balancer.WorkerSpec[string, string] {
+		return balancer.WorkerSpec[string, string]{Func: func(ctx context.Context, q string) (string, error) {
+			if !alive {
+				b.RemoveWorker(ctx, id) // retire myself
+				return "", fmt.Errorf("backend %d is down", id)
+			}
+			return fmt.Sprintf("backend %d: %s", id, q), nil
+		}}
+	}
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[string, string]{backend(0, true), backend(1, false)})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	for _, q := range []string{"a", "b", "c", "d"} {
+		s, err := b.Do(context.Background(), q)
+		if err != nil {
+			fmt.Println("error:", err)
+			continue
+		}
+		fmt.Println(s)
+	}
+	fmt.Println("workers left:", len(b.Stats().Workers))
+	// Output:
+	// backend 0: a
+	// error: backend 1 is down
+	// backend 0: c
+	// backend 0: d
+	// workers left: 1
+}
+
+// ExampleBalancer_All runs a batch and keeps the results in the order of
+// the requests; breaking out of the loop at the first error would cancel
+// the rest.
+func ExampleBalancer_All() {
+	square := func(ctx context.Context, x int) (int, error) { return x * x, nil }
+	b, err := balancer.New(3, square)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	xs := []int{1, 2, 3, 4, 5}
+	squares := make([]int, len(xs))
+	for i, r := range b.All(context.Background(), slices.Values(xs)) {
+		if r.Err != nil {
+			log.Fatal(r.Err)
+		}
+		squares[i] = r.Value
+	}
+	fmt.Println(squares)
+	// Output: [1 4 9 16 25]
+}
+
+// ExampleBalancer_Stats publishes the balancer's figures with expvar, at
+// /debug/vars of the default HTTP mux. A Prometheus collector has the same
+// shape: Collect calls Stats once and sends a gauge or counter per figure,
+// labelled by worker ID:
+//
+//	func (c collector) Collect(ch chan<- prometheus.Metric) {
+//		s := c.b.Stats()
+//		ch <- prometheus.MustNewConstMetric(c.completed, prometheus.CounterValue, float64(s.Completed))
+//		ch <- prometheus.MustNewConstMetric(c.waitSeconds, prometheus.CounterValue, s.TotalWait.Seconds())
+//		for _, w := range s.Workers {
+//			id := strconv.Itoa(w.ID)
+//			ch <- prometheus.MustNewConstMetric(c.running, prometheus.GaugeValue, float64(w.Running), id)
+//			ch <- prometheus.MustNewConstMetric(c.queued, prometheus.GaugeValue, float64(w.Queued), id)
+//		}
+//	}
+func ExampleBalancer_Stats() {
+	echo := func(ctx context.Context, s string) (string, error) { return s, nil }
+	b, err := balancer.New(2, echo)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	expvar.Publish("balancer", expvar.Func(func() any { return b.Stats() }))
+
+	for _, s := range []string{"a", "b", "c"} {
+		b.Do(context.Background(), s)
+	}
+	var vars struct{ Accepted, Completed, Pending int }
+	json.Unmarshal([]byte(expvar.Get("balancer").String()), &vars)
+	fmt.Printf("%+v\n", vars)
+	// Output: {Accepted:3 Completed:3 Pending:0}
+}
+
+// ExampleStats_String prints a balancer's figures on one line for people,
+// here before any request.
+func ExampleStats_String() {
+	b, err := balancer.New(2, func(ctx context.Context, s string) (string, error) { return s, nil },
+		balancer.WithConcurrency(4))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	fmt.Println(b.Stats())
+	// Output: accepted 0, pending 0, completed 0 (0 failed, 0 panicked), waiting 0, wait 0s; worker 0: 0/4 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s; worker 1: 0/4 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s
+}
+
+// ExampleWorkerStats_String prints one worker's figures.
+func ExampleWorkerStats_String() {
+	b, err := balancer.New(1, func(ctx context.Context, s string) (string, error) { return s, nil },
+		balancer.WithLoadEstimate(false), balancer.WithWeight(2))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	fmt.Println(b.Stats().Workers[0])
+	// Output: worker 0: 0/1 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s, weight 2
+}
+
+// ExampleStats_LogValue logs the figures as structured attributes.
+func ExampleStats_LogValue() {
+	b, err := balancer.New(1, func(ctx context.Context, s string) (string, error) { return s, nil })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
+	logger.Info("pool", "stats", b.Stats())
+	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false
+}
+
+// ExampleWorkerStats_LogValue logs one worker's figures.
+func ExampleWorkerStats_LogValue() {
+	b, err := balancer.New(1, func(ctx context.Context, s string) (string, error) { return s, nil })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
+	logger.Info("worker", "w", b.Stats().Workers[0])
+	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false
+}
+
+// withoutTime drops slog's time attribute, so that the output repeats.
+func withoutTime(groups []string, a slog.Attr) slog.Attr {
+	if len(groups) == 0 && a.Key == slog.TimeKey {
+		return slog.Attr{}
+	}
+	return a
+}
+
+// ExampleWithQueueDepth lets each worker queue requests behind its running
+// one: two workers of depth 3 hold six requests, and TrySubmit refuses a
+// seventh.
+func ExampleWithQueueDepth() {
+	release := make(chan struct{})
+	work := func(ctx context.Context, i int) (int, error) { <-release; return i, nil }
+	b, err := balancer.New(2, work, balancer.WithQueueDepth(3))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	defer close(release)
+
+	for i := range 6 {
+		if _, err := b.Submit(context.Background(), i); err != nil {
+			log.Fatal(err)
+		}
+	}
+	_, err = b.TrySubmit(context.Background(), 6)
+	fmt.Println(err)
+	for s := b.Stats(); s.Pending < 6 || s.Workers[0].Running+s.Workers[1].Running < 2; s = b.Stats() {
+		runtime.Gosched() // Stats may lag Submit, and the slots their queues, by a moment
+	}
+	for _, w := range b.Stats().Workers {
+		fmt.Printf("worker %d: %d running, %d queued\n", w.ID, w.Running, w.Queued)
+	}
+	// Output:
+	// balancer: every worker is full
+	// worker 0: 1 running, 2 queued
+	// worker 1: 1 running, 2 queued
+}
+
+// ExampleWithLoadEstimate compares the default, which measures each
+// worker's speed, with the plain count: ten requests one after another to
+// a fast worker and a slow one. Measuring, each new worker is tried once,
+// then the fast one serves the rest; counting, they take turns.
+func ExampleWithLoadEstimate() {
+	sleeper := func(d time.Duration) balancer.Func[int, int] {
+		return func(ctx context.Context, i int) (int, error) {
+			time.Sleep(d)
+			return i, nil
+		}
+	}
+	for _, estimate := range []bool{true, false} {
+		b, err := balancer.NewFrom([]balancer.WorkerSpec[int, int]{
+			{Func: sleeper(time.Millisecond)},      // fast
+			{Func: sleeper(50 * time.Millisecond)}, // slow
+		}, balancer.WithLoadEstimate(estimate))
+		if err != nil {
+			log.Fatal(err)
+		}
+		served := make([]int, 2)
+		for i := range 10 {
+			if _, err := b.Do(context.Background(), i); err != nil {
+				log.Fatal(err)
+			}
+		}
+		for _, w := range b.Stats().Workers {
+			served[w.ID] = int(w.Completed)
+		}
+		b.Close()
+		fmt.Printf("estimate %v: fast served %d, slow %d\n", estimate, served[0], served[1])
+	}
+	// Output:
+	// estimate true: fast served 9, slow 1
+	// estimate false: fast served 5, slow 5
+}
+
+// ExampleWithWeight declares known speeds instead of measuring them: with
+// the load estimate off, a worker of weight 3 is preferred until it has
+// three times the pending requests of a weight-1 worker.
+func ExampleWithWeight() {
+	release := make(chan struct{})
+	work := func(ctx context.Context, i int) (int, error) { <-release; return i, nil }
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[int, int]{
+		{Func: work, Options: []balancer.WorkerOption{balancer.WithWeight(3)}},
+		{Func: work},
+	}, balancer.WithLoadEstimate(false), balancer.WithQueueDepth(8))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	defer close(release)
+
+	for i := range 8 {
+		if _, err := b.Submit(context.Background(), i); err != nil {
+			log.Fatal(err)
+		}
+	}
+	for b.Stats().Pending < 8 { // Stats may lag Submit by a moment
+		runtime.Gosched()
+	}
+	for _, w := range b.Stats().Workers {
+		fmt.Printf("weight %v: %d pending\n", w.Weight, w.Pending)
+	}
+	// Output:
+	// weight 3: 6 pending
+	// weight 1: 2 pending
+}
+
+// ExamplePanicError recovers a Func's panic as an error: the worker lives
+// on, and errors.As finds the panic value and stack.
+func ExamplePanicError() {
+	b, err := balancer.New(1, func(ctx context.Context, key string) (int, error) {
+		var counts map[string]int
+		counts[key]++ // assignment to a nil map panics
+		return 0, nil
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	_, err = b.Do(context.Background(), "k")
+	var pe *balancer.PanicError
+	if errors.As(err, &pe) {
+		fmt.Println("recovered:", pe.Value)
+		fmt.Println("stack recorded:", len(pe.Stack) > 0)
+	}
+	// Output:
+	// recovered: assignment to entry in nil map
+	// stack recorded: true
+}
+
+// ExamplePanicError_Unwrap sees through a panic with an error value.
+func ExamplePanicError_Unwrap() {
+	errGone := errors.New("backend gone")
+	b, err := balancer.New(1, func(ctx context.Context, q string) (string, error) { panic(errGone) })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	_, err = b.Do(context.Background(), "q")
+	fmt.Println(errors.Is(err, errGone))
+	// Output: true
+}
+
+// ExamplePanicError_Error shows the message of a recovered panic.
+func ExamplePanicError_Error() {
+	b, err := balancer.New(1, func(ctx context.Context, q string) (string, error) { panic("out of cheese") })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	_, err = b.Do(context.Background(), "q")
+	fmt.Println(err)
+	// Output: balancer: Func panicked: out of cheese
 }
 
 // ExampleNewFrom builds a balancer of workers that differ and whose speeds
