@@ -624,9 +624,9 @@ func ExampleFanIn() {
 // least-loaded reverse proxy over three backends of different speeds, each
 // of which serves four requests at once. Each backend is one worker of
 // concurrency 4, whose Func forwards over a transport of four connections,
-// so the balancer compares backends, not connections. WithLoadEstimate
-// sends each request where it is expected to finish first, so the fast
-// backend serves the most. A backend is removed while requests are in
+// so the balancer compares backends, not connections. The load estimate
+// (on by default) sends each request where it is expected to finish
+// first, so the fast backend serves the most. A backend is removed while requests are in
 // flight (none fails) and added back.
 func Example_reverseProxy() {
 	const perBackend = 4 // requests each backend serves at once
@@ -673,7 +673,7 @@ func Example_reverseProxy() {
 	}
 	lb, err := balancer.NewFrom([]balancer.WorkerSpec[exchange, struct{}]{
 		backend(urls[0]), backend(urls[1]), backend(urls[2]), // IDs 0, 1, 2
-	}, balancer.WithLoadEstimate(true))
+	})
 	if err != nil {
 		panic(err)
 	}
