@@ -611,3 +611,36 @@ func BenchmarkBalance(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkAll runs batches of 1000 requests through All on 8 workers of
+// concurrency 2 whose Func sleeps 1 ms, and reports how busy All keeps the
+// 16 slots: the time they spent in the Func over the time they had. Run
+// with -benchtime=1x or a few; one op is one batch.
+func BenchmarkAll(b *testing.B) {
+	const workers, concurrency, batch = 8, 2, 1000
+	var busy atomic.Int64 // ns spent in the Func
+	fn := func(ctx context.Context, i int) (int, error) {
+		start := time.Now()
+		time.Sleep(time.Millisecond)
+		busy.Add(int64(time.Since(start)))
+		return i, nil
+	}
+	d, err := balancer.New(workers, fn, balancer.WithConcurrency(concurrency))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	reqs := make([]int, batch)
+	b.ResetTimer()
+	start := time.Now()
+	for range b.N {
+		for _, r := range d.All(context.Background(), slices.Values(reqs)) {
+			if r.Err != nil {
+				b.Fatal(r.Err)
+			}
+		}
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	b.ReportMetric(100*float64(busy.Load())/float64(elapsed*workers*concurrency), "busy-%")
+}
