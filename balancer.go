@@ -504,7 +504,7 @@ func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Res
 		return nil, err
 	}
 	reply := make(chan Result[Req, Res], 1)
-	r := request[Req, Res]{ctx: ctx, req: req, reply: reply, at: b.now()}
+	r := request[Req, Res]{ctx: ctx, req: req, reply: reply}
 	rep, err := b.command(&command[Req, Res]{op: opTry, req: r})
 	switch {
 	case err != nil:
@@ -683,7 +683,6 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 	if ctx == nil {
 		return errNilContext
 	}
-	r.at = b.now()
 	// Checked first so that a request made after Close began, or with a
 	// ctx already done, fails deterministically instead of racing the
 	// loop in the select below.
@@ -702,6 +701,10 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 		return nil
 	default:
 	}
+	// The caller waits from here, so its wait is timed from here. One
+	// handed over at once has waited for nothing yet; the loop times it
+	// if it must queue at its worker (see dispatch).
+	r.at = b.now()
 	b.waiting.Add(1)
 	defer b.waiting.Add(-1)
 	// One more caller waiting may end a hold. The loop sets holding
@@ -886,6 +889,9 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	w.pending++
 	if w.pending == w.limit {
 		b.countBusy(w)
+	}
+	if w.pending > w.concurrency && r.at == 0 {
+		r.at = b.now() // it waits in w's queue for a slot
 	}
 	b.expired = false
 	b.pool.dispatched(b.seq)

@@ -19,7 +19,7 @@ type request[Req, Res any] struct {
 	reply chan<- Result[Req, Res]  // capacity 1 and sent to once, so the send never blocks
 	keep  bool                     // reply is shared or pooled: leave it open for reuse
 	cmd   *command[Req, Res]       // not a request but a command for the loop (see Balancer.command)
-	at    int64                    // b.now() when the caller asked: its wait starts here
+	at    int64                    // b.now() when it started to wait for a slot; 0 if it has not waited
 	batch chan<- indexed[Req, Res] // instead of reply, for All: shared, with room for every request in flight
 	index int                      // r's place in its batch
 }
@@ -139,7 +139,11 @@ func (w *worker[Req, Res]) run(i int) {
 func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	w.running.Add(1)
 	start := w.b.now()
-	observeWait(w, time.Duration(start-r.at))
+	var wait time.Duration
+	if r.at != 0 {
+		wait = time.Duration(start - r.at)
+	}
+	observeWait(w, wait)
 	res := Result[Req, Res]{Req: r.req, Worker: w.id}
 	switch {
 	case w.b.abortCtx.Err() != nil:
@@ -220,7 +224,8 @@ type Stats struct {
 	// backlog in front of the balancer.
 	Waiting int
 	// MeanWait is how long requests waited for a slot lately, from the
-	// call (Do, Submit, TrySubmit) to a slot starting them: the workers'
+	// call (Do, Submit, TrySubmit) to a slot starting them (a request
+	// that found a free slot at once counts as no wait): the workers'
 	// MeanWait averaged, each weighted by the requests it completed. 0
 	// before the first.
 	MeanWait time.Duration
