@@ -887,6 +887,7 @@ func (b *Balancer[Req, Res]) hasRoom() bool {
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	w := b.pool.root()
 	w.pending++
+	w.silent++
 	if w.pending == w.limit {
 		b.countBusy(w)
 	}
@@ -908,6 +909,7 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
 	b.uncountBusy(w)
 	w.pending--
+	w.silent = 0
 	b.pending--
 	switch {
 	case !w.removed:

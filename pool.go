@@ -179,8 +179,9 @@ func (w *worker[Req, Res]) oldest(now int64) int64 {
 // grows with age, so the cost kept in each slot is a lower bound, and a
 // root whose kept cost is current is the cheapest worker. freshen raises
 // roots until one is current: each worker at most once, and only a root
-// with requests running but room for more, so at the default depth, where
-// a busy worker of concurrency 1 is full, it costs two comparisons.
+// with room that has completed nothing since it took as many requests as
+// it has slots (a worker that completes requests is not stalling), so a
+// healthy worker costs a few comparisons and no reading of the clock.
 func (b *Balancer[Req, Res]) freshen() {
 	if !b.estimate {
 		return
@@ -188,7 +189,7 @@ func (b *Balancer[Req, Res]) freshen() {
 	var now int64
 	for b.pool.Len() > 0 {
 		s := &b.pool.slots[0]
-		if s.w.pending == 0 || s.w.pending >= s.w.limit {
+		if s.w.pending == 0 || s.w.pending >= s.w.limit || s.w.silent < s.w.concurrency {
 			return
 		}
 		if now == 0 {

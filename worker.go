@@ -78,6 +78,7 @@ type worker[Req, Res any] struct {
 	unit    float64 // 1/(concurrency × weight): a request's share of the cost without the load estimate
 	handle  int     // the pool's name for it while it is in the heap
 	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
+	silent  int     // requests dispatched to it since it last completed one (see freshen)
 	removed bool
 
 	// runners[i] describes slot i to the other goroutines; the slot's
