@@ -385,9 +385,8 @@ func ExampleWithWeight() {
 // on, and errors.As finds the panic value and stack.
 func ExamplePanicError() {
 	b, err := balancer.New(1, func(ctx context.Context, key string) (int, error) {
-		var counts map[string]int
-		counts[key]++ // assignment to a nil map panics
-		return 0, nil
+		var seen []int
+		return seen[len(key)], nil // out of range: panics
 	})
 	if err != nil {
 		log.Fatal(err)
@@ -401,7 +400,7 @@ func ExamplePanicError() {
 		fmt.Println("stack recorded:", len(pe.Stack) > 0)
 	}
 	// Output:
-	// recovered: assignment to entry in nil map
+	// recovered: runtime error: index out of range [1] with length 0
 	// stack recorded: true
 }
 
