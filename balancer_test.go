@@ -2326,8 +2326,8 @@ func TestStatsForPeople(t *testing.T) {
 
 // 12. Documentation that cannot drift.
 
-// Every exported function and method has an example that go test runs,
-// and every Go block in the README is the text of one.
+// Every exported type, function and method has an example that go test
+// runs, and every Go block in the README is the text of one.
 func TestDocsAreExamples(t *testing.T) {
 	fset := token.NewFileSet()
 	var files []*ast.File
@@ -2346,6 +2346,7 @@ func TestDocsAreExamples(t *testing.T) {
 		has(f.Name, f.Examples)
 	}
 	for _, typ := range p.Types {
+		has(typ.Name, typ.Examples)
 		for _, f := range typ.Funcs {
 			has(f.Name, f.Examples)
 		}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -42,6 +43,190 @@ func ExampleNew() {
 	}
 	fmt.Println(s)
 	// Output: HELLO, BALANCER
+}
+
+// ExampleBalancer shows the whole life of a balancer: create, serve
+// requests while adding a worker, read the figures, close.
+func ExampleBalancer() {
+	double := func(ctx context.Context, x int) (int, error) { return 2 * x, nil }
+	b, err := balancer.New(2, double)
+	if err != nil {
+		log.Fatal(err)
+	}
+	v, _ := b.Do(context.Background(), 21)
+	fmt.Println(v)
+	if _, err := b.AddWorker(double); err != nil {
+		log.Fatal(err)
+	}
+	v, _ = b.Do(context.Background(), 50)
+	fmt.Println(v)
+	if err := b.Close(); err != nil {
+		log.Fatal(err)
+	}
+	s := b.Stats() // still readable after Close
+	fmt.Println(len(s.Workers), "workers,", s.Completed, "completed")
+	// Output:
+	// 42
+	// 100
+	// 3 workers, 2 completed
+}
+
+// ExampleFunc is a Func that honours its context: it stops when the caller
+// gives up, or when Shutdown gives up waiting for it, and can tell which.
+func ExampleFunc() {
+	var slow balancer.Func[string, string] = func(ctx context.Context, q string) (string, error) {
+		select {
+		case <-time.After(time.Hour): // the work
+			return "answer to " + q, nil
+		case <-ctx.Done():
+			return "", context.Cause(ctx) // ErrClosed if Shutdown gave up
+		}
+	}
+	b, err := balancer.New(1, slow)
+	if err != nil {
+		log.Fatal(err)
+	}
+	c, _ := b.Submit(context.Background(), "q")
+	for b.Stats().Workers[0].Running == 0 {
+		runtime.Gosched()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+	defer cancel()
+	b.Shutdown(ctx)
+	fmt.Println((<-c).Err)
+	b.Close()
+	// Output: balancer: closed
+}
+
+// ExampleResult reads a Result from Submit: the request it answers, the
+// value or error, and the worker that ran it.
+func ExampleResult() {
+	b, err := balancer.New(1, func(ctx context.Context, s string) (int, error) { return len(s), nil })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	c, err := b.Submit(context.Background(), "hello")
+	if err != nil {
+		log.Fatal(err)
+	}
+	r := <-c
+	fmt.Printf("%q: %d, err %v, on worker %d\n", r.Req, r.Value, r.Err, r.Worker)
+	// Output: "hello": 5, err <nil>, on worker 0
+}
+
+// ExampleWorkerSpec builds one worker per backend, each with the
+// concurrency its backend allows.
+func ExampleWorkerSpec() {
+	backends := map[string]int{"db-1": 8, "db-2": 2} // name: connections
+	var specs []balancer.WorkerSpec[string, string]
+	for _, name := range slices.Sorted(maps.Keys(backends)) {
+		specs = append(specs, balancer.WorkerSpec[string, string]{
+			Func:    func(ctx context.Context, q string) (string, error) { return name + ": " + q, nil },
+			Options: []balancer.WorkerOption{balancer.WithConcurrency(backends[name])},
+		})
+	}
+	b, err := balancer.NewFrom(specs)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	for _, w := range b.Stats().Workers {
+		fmt.Println("worker", w.ID, "runs", w.Concurrency, "at once")
+	}
+	// Output:
+	// worker 0 runs 8 at once
+	// worker 1 runs 2 at once
+}
+
+// ExampleOption combines options: a balancer-wide queue depth, the plain
+// count instead of the load estimate, and a worker option that every
+// worker New starts takes.
+func ExampleOption() {
+	opts := []balancer.Option{
+		balancer.WithQueueDepth(2),
+		balancer.WithLoadEstimate(false),
+		balancer.WithConcurrency(3), // a WorkerOption is an Option too
+	}
+	b, err := balancer.New(2, func(ctx context.Context, s string) (string, error) { return s, nil }, opts...)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	fmt.Println(b.Stats().Workers[1].Concurrency)
+	_, err = balancer.New(2, func(ctx context.Context, s string) (string, error) { return s, nil },
+		balancer.WithQueueDepth(0))
+	fmt.Println(err)
+	// Output:
+	// 3
+	// balancer: invalid argument: queue depth 0, want 1 to 65536
+}
+
+// ExampleWorkerOption gives one worker options of its own when it is added.
+func ExampleWorkerOption() {
+	b, err := balancer.New(1, func(ctx context.Context, s string) (string, error) { return s, nil })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	_, err = b.AddWorker(func(ctx context.Context, s string) (string, error) { return s, nil },
+		balancer.WithConcurrency(4), balancer.WithWeight(2))
+	fmt.Println(err, b.Stats().Workers[1].Concurrency, b.Stats().Workers[1].Weight)
+	_, err = b.AddWorker(func(ctx context.Context, s string) (string, error) { return s, nil },
+		balancer.WithConcurrency(0))
+	fmt.Println(err)
+	// Output:
+	// <nil> 4 2
+	// balancer: invalid argument: concurrency 0, want 1 to 65536
+}
+
+// ExampleStats reads the figures an operator watches: what is running and
+// queued, what waits in front of the balancer, and what has failed.
+func ExampleStats() {
+	release := make(chan struct{})
+	b, err := balancer.New(1, func(ctx context.Context, i int) (int, error) { <-release; return i, nil })
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	for i := range 3 {
+		go b.Do(context.Background(), i) // one runs, two wait
+	}
+	for b.Stats().Waiting < 2 {
+		runtime.Gosched()
+	}
+	s := b.Stats()
+	fmt.Println("running:", s.Workers[0].Running, "waiting:", s.Waiting, "failed:", s.Failed)
+	close(release)
+	// Output: running: 1 waiting: 2 failed: 0
+}
+
+// ExampleWorkerStats finds the busiest worker: of a worker of concurrency
+// 4 and one of concurrency 1, ordered by the count, the first takes three
+// requests before the second costs as little.
+func ExampleWorkerStats() {
+	release := make(chan struct{})
+	work := func(ctx context.Context, i int) (int, error) { <-release; return i, nil }
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[int, int]{
+		{Func: work, Options: []balancer.WorkerOption{balancer.WithConcurrency(4)}},
+		{Func: work},
+	}, balancer.WithLoadEstimate(false))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	defer close(release) // before Close, which waits for the requests
+	for i := range 3 {
+		if _, err := b.TrySubmit(context.Background(), i); err != nil {
+			log.Fatal(err)
+		}
+	}
+	for b.Stats().Workers[0].Running < 3 {
+		runtime.Gosched()
+	}
+	busiest := slices.MaxFunc(b.Stats().Workers, func(x, y balancer.WorkerStats) int { return x.Running - y.Running })
+	fmt.Println("busiest: worker", busiest.ID)
+	// Output: busiest: worker 0
 }
 
 // ExampleBalancer_Do bounds a request with a deadline: Do returns the
