@@ -363,7 +363,7 @@ func New[Req, Res any](workers int, fn Func[Req, Res], opts ...Option) (*Balance
 	if fn == nil {
 		return nil, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
 	}
-	return start(workers, func(int) WorkerSpec[Req, Res] { return WorkerSpec[Req, Res]{Func: fn} }, opts)
+	return newBalancer(workers, func(int) WorkerSpec[Req, Res] { return WorkerSpec[Req, Res]{Func: fn} }, opts)
 }
 
 // A WorkerSpec describes one worker for NewFrom: the Func it runs and the
@@ -380,12 +380,12 @@ type WorkerSpec[Req, Res any] struct {
 // the spec, if a Func is nil or an option is out of range. Call Close to
 // stop its goroutines.
 func NewFrom[Req, Res any](workers []WorkerSpec[Req, Res], opts ...Option) (*Balancer[Req, Res], error) {
-	return start(len(workers), func(i int) WorkerSpec[Req, Res] { return workers[i] }, opts)
+	return newBalancer(len(workers), func(i int) WorkerSpec[Req, Res] { return workers[i] }, opts)
 }
 
-// start checks every option and spec, then starts the balancer with n
+// newBalancer checks every option and spec, then starts a balancer of n
 // workers, worker i as spec(i) describes.
-func start[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opts []Option) (*Balancer[Req, Res], error) {
+func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opts []Option) (*Balancer[Req, Res], error) {
 	o := defaultOptions()
 	for _, opt := range opts {
 		if opt != nil {

@@ -1454,22 +1454,43 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		assert.Equal(t, []int{fast, slow}, []int{(<-first).Worker, (<-second).Worker})
 		synctest.Wait()
 
+		// heldForFast submits two requests: the first takes fast, the
+		// second is held for it rather than sent to slow, and fast serves
+		// both in 2 × 10 ms.
+		heldForFast := func(i int) {
+			t.Helper()
+			busy := submit(i)
+			start := time.Now()
+			held := submit(i + 1)
+			assert.Equal(t, 1, b.Stats().Waiting, "held back while slow is free")
+			assert.Equal(t, fast, (<-busy).Worker)
+			assert.Equal(t, fast, (<-held).Worker)
+			assert.Equal(t, 20*time.Millisecond, time.Since(start))
+			synctest.Wait()
+		}
+		// stallRunsOut stalls fast with request -k: a caller held for it
+		// goes to slow once it has waited slow's expected time, 60 ms,
+		// and slow serves it in 60 ms more.
+		stallRunsOut := func(k, i int) {
+			t.Helper()
+			stalled := submit(-k)
+			start := time.Now()
+			assert.Equal(t, slow, (<-submit(i)).Worker)
+			assert.Equal(t, 120*time.Millisecond, time.Since(start), "60 ms held, 60 ms served")
+			close(stalls[k])
+			assert.Equal(t, fast, (<-stalled).Worker)
+			synctest.Wait()
+		}
+
 		// One caller waits: fast is expected to free up and serve it in
 		// 2 × 10 ms, and 1.5 × 20 < 60, so it waits.
-		busy := submit(3)
-		start := time.Now()
-		held := submit(4)
-		assert.Equal(t, 1, b.Stats().Waiting, "held back while slow is free")
-		assert.Equal(t, fast, (<-busy).Worker)
-		assert.Equal(t, fast, (<-held).Worker)
-		assert.Equal(t, 20*time.Millisecond, time.Since(start))
-		synctest.Wait()
+		heldForFast(3)
 
 		// Two callers wait (1.5 × 30 < 60); a third would be served by
 		// fast after 40 ms, and 1.5 × 40 is not less than 60, so the
 		// first of them goes to slow.
-		busy = submit(5)
-		held = submit(6)
+		busy := submit(5)
+		held := submit(6)
 		held2 := submit(7)
 		assert.Equal(t, []int{1, 0}, pendings(b), "two held")
 		next := submit(8)
@@ -1478,38 +1499,15 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 			[]int{(<-busy).Worker, (<-held).Worker, (<-held2).Worker, (<-next).Worker})
 		synctest.Wait()
 
-		// Fast stalls: a held caller goes to slow once it has waited
-		// slow's expected time, 60 ms.
-		stalled := submit(-1)
-		start = time.Now()
-		assert.Equal(t, slow, (<-submit(9)).Worker)
-		assert.Equal(t, 120*time.Millisecond, time.Since(start), "60 ms held, 60 ms served")
-		close(stalls[1])
-		assert.Equal(t, fast, (<-stalled).Worker)
-		synctest.Wait()
-
+		stallRunsOut(1, 9)
 		// After the wait ran out once, a caller is held again: the stall
 		// counted as 4 × 10 ms and moved fast's mean a quarter of the way
-		// there, to 17.5 ms, and 1.5 × 2 × 17.5 < 60...
-		busy = submit(11)
-		start = time.Now()
-		held = submit(12)
-		assert.Equal(t, 1, b.Stats().Waiting, "held again")
-		assert.Equal(t, fast, (<-busy).Worker)
-		assert.Equal(t, fast, (<-held).Worker)
-		assert.Equal(t, 20*time.Millisecond, time.Since(start))
-		synctest.Wait()
-
-		// ...and a second stall runs out the same way.
-		stalled = submit(-2)
-		start = time.Now()
-		assert.Equal(t, slow, (<-submit(13)).Worker)
-		assert.Equal(t, 120*time.Millisecond, time.Since(start), "60 ms held again, 60 ms served")
-		close(stalls[2])
-		assert.Equal(t, fast, (<-stalled).Worker)
+		// there, to 17.5 ms, and 1.5 × 2 × 17.5 < 60; and a second stall
+		// runs out the same way.
+		heldForFast(11)
+		stallRunsOut(2, 13)
 
 		// TrySubmit never holds back.
-		synctest.Wait()
 		busy = submit(14)
 		c, err := b.TrySubmit(context.Background(), 15)
 		require.NoError(t, err)
