@@ -2367,6 +2367,100 @@ func TestDocsAreExamples(t *testing.T) {
 	}
 }
 
+// 13. The traps of a batched loop, pinned on today's loop: each must keep
+// passing when the loop takes requests in batches.
+
+// A Func is stuck while Close waits and 64 callers wait in Do: every
+// caller gets ErrClosed exactly once (none of them was accepted), Close
+// returns once the Func does, and the stuck request gets its own result.
+func TestTrapStuckFuncWhileCloseWaits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var ran atomic.Int64
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			ran.Add(1)
+			if i == 0 {
+				<-release
+			}
+			return i, nil
+		})
+		stuck, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		errs := make(chan error, 64)
+		for i := range 64 {
+			go func() {
+				_, err := b.Do(context.Background(), 1+i)
+				errs <- err
+			}()
+		}
+		synctest.Wait()
+		require.Equal(t, 64, b.Stats().Waiting)
+		closed := make(chan error, 1)
+		go func() { closed <- b.Close() }()
+		synctest.Wait()
+		for range 64 {
+			assert.ErrorIs(t, <-errs, ErrClosed)
+		}
+		assert.Empty(t, closed, "Close waits for the stuck Func")
+		close(release)
+		assert.NoError(t, <-closed)
+		assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0}, <-stuck)
+		assert.Equal(t, int64(1), ran.Load(), "only the accepted request ran")
+		s := b.Stats()
+		assert.Equal(t, uint64(1), s.Accepted)
+		assert.Equal(t, uint64(1), s.Completed)
+	})
+}
+
+// A Do whose ctx ends while its request is queued at a worker returns at
+// once; the request is then not run, and is counted once, as failed.
+func TestTrapDoCancelledWhileQueued(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var ran atomic.Int64
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			ran.Add(1)
+			<-release
+			return i, nil
+		}, WithQueueDepth(2))
+		defer b.Close()
+		running, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		start := time.Now()
+		_, err = b.Do(ctx, 1) // queued behind request 0
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.Equal(t, time.Second, time.Since(start))
+		close(release)
+		<-running
+		synctest.Wait()
+		assert.Equal(t, int64(1), ran.Load(), "the cancelled request did not run")
+		s := b.Stats()
+		assert.Equal(t, uint64(2), s.Accepted)
+		assert.Equal(t, uint64(2), s.Completed)
+		assert.Equal(t, uint64(1), s.Failed)
+	})
+}
+
+// Close while the loop sleeps on an empty queue returns, and the balancer
+// then refuses everything and has no goroutine left.
+func TestTrapCloseWhileLoopIdle(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 4, square, WithConcurrency(2))
+		_, err := b.Do(context.Background(), 3)
+		require.NoError(t, err)
+		synctest.Wait() // the loop sleeps, waiting for requests
+		require.NoError(t, b.Close())
+		_, err = b.Do(context.Background(), 4)
+		assert.ErrorIs(t, err, ErrClosed)
+		_, err = b.TrySubmit(context.Background(), 4)
+		assert.ErrorIs(t, err, ErrClosed)
+		synctest.Wait()
+		assert.NotContains(t, allStacks(), "balancer.(*Balancer[...]).loop")
+	})
+}
+
 // Misuse that other pools hang or panic on.
 func TestMisuse(t *testing.T) {
 	t.Run("Close from inside a Func returns", func(t *testing.T) {
