@@ -2461,6 +2461,37 @@ func TestTrapCloseWhileLoopIdle(t *testing.T) {
 	})
 }
 
+// Submit returns once its request is accepted and is not starved by a
+// stream of Do calls: with 64 callers keeping one worker busy, a Submit
+// is accepted within about as many requests as there are callers ahead.
+func TestTrapSubmitNotStarvedByDo(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			time.Sleep(time.Millisecond)
+			return i, nil
+		})
+		defer b.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		var wg sync.WaitGroup
+		for range 64 {
+			wg.Go(func() {
+				for ctx.Err() == nil {
+					b.Do(ctx, 1)
+				}
+			})
+		}
+		time.Sleep(10 * time.Millisecond) // the stream is flowing
+		start := time.Now()
+		c, err := b.Submit(context.Background(), 2)
+		require.NoError(t, err)
+		accepted := time.Since(start)
+		assert.LessOrEqual(t, accepted, 66*time.Millisecond, "accepted after at most the 64 callers ahead")
+		assert.Equal(t, 2, (<-c).Value)
+		wg.Wait()
+	})
+}
+
 // Misuse that other pools hang or panic on.
 func TestMisuse(t *testing.T) {
 	t.Run("Close from inside a Func returns", func(t *testing.T) {
