@@ -231,7 +231,7 @@ func observeWait[Req, Res any](w *worker[Req, Res], d time.Duration) {
 	ewma(&w.wait, int64(max(d, 1))) // zero means "no observation"
 }
 
-// ewma moves the average in a 1/fallSmoothing of the way to d, or sets it
+// ewma moves the average a 1/fallSmoothing of the way to d, or sets it
 // to d if it has none yet.
 func ewma(a *atomic.Int64, d int64) {
 	for {
