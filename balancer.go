@@ -632,9 +632,12 @@ func (b *Balancer[Req, Res]) RemoveWorker(ctx context.Context, id int) error {
 	return nil
 }
 
-// Close stops accepting requests, waits for every accepted request to
-// finish and for every goroutine the Balancer started to end. It is
-// idempotent, safe to call concurrently with any method, and returns nil.
+// Close stops accepting requests and waits until every accepted request
+// has finished: when it returns, every Func has returned, every accepted
+// request has its outcome, and every goroutine the Balancer started has
+// made its last call (the runtime may still be reaping the last of them).
+// It is idempotent, safe to call concurrently with any method, and
+// returns nil.
 //
 // Called from inside one of the balancer's own Funcs, Close and Shutdown
 // begin closing and return nil at once, because the wait would include the
