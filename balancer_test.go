@@ -72,6 +72,30 @@ func (g *gates) openAll() {
 
 func square(ctx context.Context, x int) (int, error) { return x * x, nil }
 
+// sleeper returns a Func that takes d and returns its request.
+func sleeper(d time.Duration) Func[int, int] {
+	return func(ctx context.Context, i int) (int, error) {
+		time.Sleep(d)
+		return i, nil
+	}
+}
+
+// submitHeld submits i from a goroutine, since Submit itself waits while
+// the request is held back, and returns a channel for its result once
+// everything in the bubble has settled. Call it inside synctest.Test.
+func submitHeld(t *testing.T, b *Balancer[int, int], i int) <-chan Result[int, int] {
+	t.Helper()
+	c := make(chan Result[int, int], 1)
+	go func() {
+		r, err := b.Submit(context.Background(), i)
+		if assert.NoError(t, err) {
+			c <- <-r
+		}
+	}()
+	synctest.Wait()
+	return c
+}
+
 func mustNew(t *testing.T, workers int, fn Func[int, int], opts ...Option) *Balancer[int, int] {
 	t.Helper()
 	b, err := New(workers, fn, opts...)
@@ -786,12 +810,6 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 // because its speed is measured, without the estimate because its weight
 // says so; without either the two take turns.
 func TestDefaultsMakeCapacityAndWeightCount(t *testing.T) {
-	sleeper := func(d time.Duration) Func[int, int] {
-		return func(ctx context.Context, i int) (int, error) {
-			time.Sleep(d)
-			return i, nil
-		}
-	}
 	t.Run("under load", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			b, err := NewFrom([]WorkerSpec[int, int]{
@@ -949,12 +967,6 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 // 60 ms: the sixth caller sends one to slow.
 func TestHoldBackCountsSlots(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		sleeper := func(d time.Duration) Func[int, int] {
-			return func(ctx context.Context, i int) (int, error) {
-				time.Sleep(d)
-				return i, nil
-			}
-		}
 		b, err := NewFrom([]WorkerSpec[int, int]{
 			{Func: sleeper(10 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
 			{Func: sleeper(60 * time.Millisecond)},
@@ -962,18 +974,7 @@ func TestHoldBackCountsSlots(t *testing.T) {
 		require.NoError(t, err)
 		defer b.Close()
 		var cs []<-chan Result[int, int]
-		submit := func(i int) {
-			t.Helper()
-			c := make(chan Result[int, int], 1)
-			go func() { // Submit itself waits while the request is held
-				r, err := b.Submit(context.Background(), i)
-				if assert.NoError(t, err) {
-					c <- <-r
-				}
-			}()
-			synctest.Wait()
-			cs = append(cs, c)
-		}
+		submit := func(i int) { cs = append(cs, submitHeld(t, b, i)) }
 		for i := range 3 { // both are new, so both are tried
 			submit(i)
 		}
@@ -1422,7 +1423,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 func TestEstimateWaitsForAFastWorker(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		stalls := []chan struct{}{nil, make(chan struct{}), make(chan struct{})}
-		sleeper := func(d time.Duration) Func[int, int] {
+		stallable := func(d time.Duration) Func[int, int] {
 			return func(ctx context.Context, i int) (int, error) {
 				if i < 0 {
 					<-stalls[-i]
@@ -1433,22 +1434,11 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		}
 		b := mustNew(t, 0, square, WithLoadEstimate(true))
 		defer b.Close()
-		fast, err := b.AddWorker(sleeper(10 * time.Millisecond))
+		fast, err := b.AddWorker(stallable(10 * time.Millisecond))
 		require.NoError(t, err)
-		slow, err := b.AddWorker(sleeper(60 * time.Millisecond))
+		slow, err := b.AddWorker(stallable(60 * time.Millisecond))
 		require.NoError(t, err)
-		submit := func(i int) <-chan Result[int, int] {
-			t.Helper()
-			c := make(chan Result[int, int], 1)
-			go func() { // Submit itself waits while the request is held
-				r, err := b.Submit(context.Background(), i)
-				if assert.NoError(t, err) {
-					c <- <-r
-				}
-			}()
-			synctest.Wait()
-			return c
-		}
+		submit := func(i int) <-chan Result[int, int] { return submitHeld(t, b, i) }
 		// Both are new, so both are tried: fast first by ID.
 		first, second := submit(1), submit(2)
 		assert.Equal(t, []int{fast, slow}, []int{(<-first).Worker, (<-second).Worker})

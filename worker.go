@@ -17,7 +17,7 @@ type request[Req, Res any] struct {
 	ctx   context.Context
 	req   Req
 	reply chan<- Result[Req, Res]  // capacity 1 and sent to once, so the send never blocks
-	keep  bool                     // reply is shared or pooled: leave it open for reuse
+	keep  bool                     // reply is Do's pooled channel: leave it open for reuse
 	cmd   *command[Req, Res]       // not a request but a command for the loop (see Balancer.command)
 	at    int64                    // b.now() when it started to wait for a slot; 0 if it has not waited
 	batch chan<- indexed[Req, Res] // instead of reply, for All: shared, with room for every request in flight
