@@ -192,10 +192,11 @@ func ExampleStats() {
 	for i := range 3 {
 		go b.Do(context.Background(), i) // one runs, two wait
 	}
-	for b.Stats().Waiting < 2 {
-		runtime.Gosched()
-	}
 	s := b.Stats()
+	for s.Workers[0].Running != 1 || s.Waiting != 2 { // a caller counts itself waiting until its hand-off returns
+		runtime.Gosched()
+		s = b.Stats()
+	}
 	fmt.Println("running:", s.Workers[0].Running, "waiting:", s.Waiting, "failed:", s.Failed)
 	close(release)
 	// Output: running: 1 waiting: 2 failed: 0
