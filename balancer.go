@@ -111,6 +111,7 @@ type options struct {
 	depth    int
 	estimate bool
 	worker   workerOptions // defaults for every worker New or NewFrom starts
+	hooks    *hooks        // tests only
 }
 
 type workerOptions struct {
@@ -146,6 +147,11 @@ func (o *workerOptions) check(depth int) error {
 	}
 	return nil
 }
+
+// withHooks is the tests' option that sets hooks before anything starts.
+type withHooks hooks
+
+func (h *withHooks) apply(o *options) { o.hooks = (*hooks)(h) }
 
 type depthOption int
 
@@ -275,6 +281,7 @@ type Balancer[Req, Res any] struct {
 	estimate bool                    // WithLoadEstimate, on by default
 	defaults workerOptions           // for AddWorker, from New's options
 	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
+	queue    chan request[Req, Res]  // Do's requests, buffered (see Do for how none is stranded)
 	done     chan *worker[Req, Res]  // completions, buffered: see the loop for why a send never waits long
 	cmds     chan *command[Req, Res] // unbuffered: the loop always receives commands until it exits
 	quit     chan struct{}           // closed once, by the first Close or Shutdown
@@ -287,9 +294,11 @@ type Balancer[Req, Res any] struct {
 	replies  sync.Pool      // chan Result[Req, Res] of capacity 1, for Do
 	accepted atomic.Uint64  // written by the loop
 	waiting  atomic.Int64   // callers blocked in submit; each adds and removes itself
+	idle     atomic.Bool    // the loop is parked, or about to park, on requests alone (see Do)
 	holding  atomic.Bool    // the loop is holding requests back and wants a nudge when one more waits
 	nudge    chan struct{}  // capacity 1: wakes a loop that holds back (see holdBack)
 	roster   atomic.Pointer[roster[Req, Res]]
+	hooks    *hooks // nil outside tests
 
 	// Owned by the select loop once it starts; New sets them up before.
 	pool     pool[Req, Res]
@@ -311,9 +320,22 @@ type Balancer[Req, Res any] struct {
 	timer    *time.Timer // bounds a hold by the root's expected time
 }
 
+// hooks let a test stop a goroutine at a point where the interleaving
+// matters. Each is nil unless a test sets it before the balancer runs.
+type hooks struct {
+	queue func() // in Do, after its checks, before its request goes into the queue
+	park  func() // in the loop, after its last look at the queue, before it parks on requests
+}
+
 // minSeq is below every dispatch sequence number: a worker that was never
 // dispatched to sorts before all that were.
 const minSeq = math.MinInt64
+
+// queueBuffer is the capacity of the queue of Do's requests: room for
+// the callers that arrive while the loop is busy, so that each leaves its
+// request and parks once, on its reply, and the loop takes them in
+// batches. When it is full, Do waits in a hand-off like Submit.
+const queueBuffer = 128
 
 // doneBuffer is the capacity of the done channel. The loop lets
 // completions wait in it while it waits for requests, and takes them all
@@ -414,11 +436,13 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		estimate: o.estimate,
 		defaults: o.worker,
 		requests: make(chan request[Req, Res]),
+		queue:    make(chan request[Req, Res], queueBuffer),
 		done:     make(chan *worker[Req, Res], doneBuffer),
 		cmds:     make(chan *command[Req, Res]),
 		quit:     make(chan struct{}),
 		exited:   make(chan struct{}),
 		workers:  make(map[int]*worker[Req, Res]),
+		hooks:    o.hooks,
 	}
 	if o.estimate {
 		b.nudge = make(chan struct{}, 1)
@@ -445,25 +469,100 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 // ctx.
 func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
 	var zero Res
-	reply := b.replies.Get().(chan Result[Req, Res])
-	if err := b.submit(request[Req, Res]{ctx: ctx, req: req, reply: reply, keep: true}); err != nil {
-		b.replies.Put(reply)
+	if err := b.check(ctx); err != nil {
 		return zero, err
 	}
+	reply := b.replies.Get().(chan Result[Req, Res])
+	r := request[Req, Res]{ctx: ctx, req: req, reply: reply, keep: true}
+	var poke chan request[Req, Res]
+	select {
+	case b.requests <- r: // the loop is parked waiting: hand r over
+	default:
+		r.at = b.now() // it waits, so its wait is timed from here (see submit)
+		if b.hooks != nil && b.hooks.queue != nil {
+			b.hooks.queue()
+		}
+		select {
+		case b.queue <- r:
+			b.nudgeHold()
+			// The loop sets idle before it looks at the queue a last
+			// time and parks on requests alone; this reads idle after
+			// r went in. So either the loop finds r, or this sees idle
+			// and pokes the loop with an empty request.
+			if b.idle.Load() {
+				poke = b.requests
+			}
+		default: // the queue is full: wait in a hand-off
+			if err := b.submit(r); err != nil {
+				b.replies.Put(reply)
+				return zero, err
+			}
+		}
+	}
+	// A request in the queue is not yet accepted, so it must not be
+	// stranded there when the loop ends. The loop refuses every request
+	// it finds in the queue once Close began, and empties the queue as it
+	// exits. If quit was still open after r went into the queue, Close
+	// began after that, so the loop will find r. Otherwise r may have come
+	// too late: wait for the loop to exit, then empty the queue here.
+	var exited chan struct{}
+	select {
+	case <-b.quit:
+		exited = b.exited
+	default:
+	}
 	done := ctx.Done()
-	if done == nil { // ctx is never done: a plain receive skips the select
+	if done == nil && exited == nil && poke == nil { // nothing else can end the wait: a plain receive skips the select
 		res := <-reply
 		b.replies.Put(reply)
 		return res.Value, res.Err
 	}
-	select {
-	case res := <-reply:
-		b.replies.Put(reply)
-		return res.Value, res.Err
-	case <-done:
-		// The worker's send still lands in the buffer; the channel is
-		// left to the garbage collector instead of going back to the pool.
-		return zero, ctx.Err()
+	for {
+		select {
+		case poke <- request[Req, Res]{}:
+			poke = nil
+		case res := <-reply:
+			b.replies.Put(reply)
+			return res.Value, res.Err
+		case <-exited:
+			b.refuseQueued()
+			res := <-reply // r had its outcome, or was in the queue just emptied
+			b.replies.Put(reply)
+			return res.Value, res.Err
+		case <-done:
+			// The outcome still lands in the buffer; the channel is left
+			// to the garbage collector instead of going back to the pool.
+			return zero, ctx.Err()
+		}
+	}
+}
+
+// nudgeHold tells a loop that holds back that one more request waits,
+// which may end the hold. The loop sets holding before it counts the
+// callers waiting and the requests queued, and a caller reads holding
+// after it counted itself or queued its request, so either the loop counts
+// it or it gets a nudge.
+func (b *Balancer[Req, Res]) nudgeHold() {
+	if b.holding.Load() {
+		select {
+		case b.nudge <- struct{}{}:
+		default: // a nudge is pending already
+		}
+	}
+}
+
+// refuseQueued gives every request in the queue the outcome ErrClosed. The
+// loop calls it as it exits; a Do whose request may have come after that
+// calls it once the loop has exited. Each request is received once, so it
+// gets one outcome either way.
+func (b *Balancer[Req, Res]) refuseQueued() {
+	for {
+		select {
+		case r := <-b.queue:
+			r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
+		default:
+			return
+		}
 	}
 }
 
@@ -679,22 +778,27 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-// submit passes r to the loop, waiting while every worker is full or the
-// loop holds back.
-func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
-	ctx := r.ctx
+// check returns the error a request with ctx gets before it is offered
+// to the loop: checked first so that a request made after Close began, or
+// with a ctx already done, fails deterministically instead of racing the
+// loop.
+func (b *Balancer[Req, Res]) check(ctx context.Context) error {
 	if ctx == nil {
 		return errNilContext
 	}
-	// Checked first so that a request made after Close began, or with a
-	// ctx already done, fails deterministically instead of racing the
-	// loop in the select below.
 	select {
 	case <-b.quit:
 		return ErrClosed
 	default:
 	}
-	if err := ctx.Err(); err != nil {
+	return ctx.Err()
+}
+
+// submit passes r to the loop, waiting while every worker is full or the
+// loop holds back.
+func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
+	ctx := r.ctx
+	if err := b.check(ctx); err != nil {
 		return err
 	}
 	// If the loop is parked waiting for requests, hand r over without the
@@ -710,15 +814,7 @@ func (b *Balancer[Req, Res]) submit(r request[Req, Res]) error {
 	r.at = b.now()
 	b.waiting.Add(1)
 	defer b.waiting.Add(-1)
-	// One more caller waiting may end a hold. The loop sets holding
-	// before it reads waiting, and this reads holding after adding to
-	// waiting, so either the loop counts this caller or it gets a nudge.
-	if b.holding.Load() {
-		select {
-		case b.nudge <- struct{}{}:
-		default: // a nudge is pending already
-		}
-	}
+	b.nudgeHold()
 	select {
 	case b.requests <- r:
 		return nil
@@ -776,8 +872,15 @@ func (b *Balancer[Req, Res]) now() int64 {
 func noop() {}
 
 // loop is the select loop. It owns the pool and runs until Close or
-// Shutdown has begun and nothing is pending, blocking only in its select
-// (or, when that is all it waits for, a receive on requests).
+// Shutdown has begun and nothing is pending, blocking only in its select.
+//
+// Requests come on two channels: Do's through the buffered queue, which
+// the loop empties in batches, and Submit's, All's and commands through
+// the unbuffered requests. While it cannot take requests (every worker is
+// full, or it holds back) it leaves both alone, so Do's requests wait in
+// the queue and the other callers in their hand-offs. Once Close began it
+// refuses what it finds in the queue, so that Do returns ErrClosed
+// promptly, and empties the queue as it exits.
 //
 // Completions need not wake it: while a worker has room it waits for
 // requests and commands only, and takes every completion waiting in done
@@ -790,8 +893,12 @@ func noop() {}
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	for !b.closing || b.pending > 0 {
-		var requests chan request[Req, Res]
-		if b.ready() {
+		var requests, queue chan request[Req, Res]
+		ready := b.ready()
+		if ready || b.closing {
+			queue = b.queue
+		}
+		if ready {
 			requests = b.requests
 		}
 		var done chan *worker[Req, Res]
@@ -799,9 +906,22 @@ func (b *Balancer[Req, Res]) loop() {
 			done = b.done
 		}
 		if done == nil {
-			// Commands come through requests too (see command), so a
-			// plain receive, much cheaper than a select, is enough.
-			b.take(<-requests)
+			// Commands come through requests too (see command), and a
+			// Do whose request may go unseen pokes there (see Do), so
+			// a plain receive, much cheaper than a select, is enough.
+			b.idle.Store(true)
+			select {
+			case r := <-queue:
+				b.idle.Store(false)
+				b.takeQueued(r)
+			default:
+				if b.hooks != nil && b.hooks.park != nil {
+					b.hooks.park()
+				}
+				r := <-requests
+				b.idle.Store(false)
+				b.take(r)
+			}
 		} else {
 			var nudge chan struct{}
 			var expired <-chan time.Time
@@ -809,6 +929,8 @@ func (b *Balancer[Req, Res]) loop() {
 				nudge, expired = b.nudge, b.timer.C
 			}
 			select {
+			case r := <-queue:
+				b.takeQueued(r)
 			case r := <-requests:
 				b.take(r)
 			case w := <-done:
@@ -824,6 +946,7 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.drain()
 	}
+	b.refuseQueued()
 	for _, s := range b.pool.slots {
 		close(s.w.reqs)
 	}
@@ -834,7 +957,8 @@ func (b *Balancer[Req, Res]) loop() {
 const drainBatch = 128
 
 // drain dispatches requests that are already waiting, while there is room,
-// with single-channel polls that cost much less than the select.
+// with single-channel polls that cost much less than the select. It looks
+// at the hand-offs first: they are fewer, and a full queue sends Do there.
 func (b *Balancer[Req, Res]) drain() {
 	for range drainBatch {
 		b.takeCompletions()
@@ -844,20 +968,42 @@ func (b *Balancer[Req, Res]) drain() {
 		select {
 		case r := <-b.requests:
 			b.take(r)
+			continue
+		default:
+		}
+		select {
+		case r := <-b.queue:
+			b.takeQueued(r)
 		default:
 			return
 		}
 	}
 }
 
-// take dispatches a request, or carries out a command that came as one.
+// takeQueued dispatches a request from the queue, unless Close began
+// (ErrClosed) or its caller is gone (Do returned ctx.Err()). Neither counts
+// as accepted.
+func (b *Balancer[Req, Res]) takeQueued(r request[Req, Res]) {
+	switch {
+	case b.closing:
+		r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
+	case r.ctx.Err() != nil:
+		r.deliver(Result[Req, Res]{Req: r.req, Err: r.ctx.Err()})
+	default:
+		b.take(r)
+	}
+}
+
+// take dispatches a request, or carries out a command that came as one,
+// or ignores a poke from Do.
 func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
 	b.takeCompletions()
-	if r.cmd != nil {
+	switch {
+	case r.cmd != nil:
 		r.cmd.reply <- b.apply(r.cmd)
-		return
+	case r.ctx != nil:
+		b.dispatch(r)
 	}
-	b.dispatch(r)
 }
 
 // takeCompletions records every completion waiting in done.

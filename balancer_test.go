@@ -2625,3 +2625,141 @@ func TestFinishedRequestsAreNotRetained(t *testing.T) {
 		assert.Nil(t, r.Value(), "request %d is still reachable", i)
 	}
 }
+
+// The protocol of Do's queue. A request in the queue is not yet accepted:
+// whatever the interleaving, it is dispatched, answered with its ctx's
+// error, or refused with ErrClosed, exactly once.
+
+// A Do that passed its checks before Close began but puts its request in
+// the queue only after the loop has exited gets ErrClosed, not a hang.
+func TestDoQueuedAfterTheLoopExited(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var b *Balancer[int, int]
+		late := true
+		b = mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			<-release
+			return i, nil
+		}, &withHooks{queue: func() {
+			if late {
+				late = false
+				require.NoError(t, b.Close()) // the loop exits before the request goes in
+			}
+		}})
+		running, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		close(release) // the Close in the hook waits for request 0
+		_, err = b.Do(context.Background(), 1)
+		assert.ErrorIs(t, err, ErrClosed)
+		assert.Equal(t, 0, (<-running).Value)
+		assert.Empty(t, b.queue)
+		s := b.Stats()
+		assert.Equal(t, uint64(1), s.Accepted, "the late request was not accepted")
+		assert.Equal(t, uint64(1), s.Completed)
+	})
+}
+
+// A Do that queues its request just after the loop last looked at the
+// queue, and just before it parks waiting for a hand-off, pokes the loop,
+// which then takes the request.
+func TestDoPokesALoopAboutToPark(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		parked, proceed := make(chan struct{}), make(chan struct{})
+		armed := atomic.Bool{}
+		b := mustNew(t, 1, square, &withHooks{park: func() {
+			if armed.CompareAndSwap(true, false) {
+				close(parked)
+				<-proceed // meanwhile Do finds the loop not parked and queues
+			}
+		}})
+		defer b.Close()
+		synctest.Wait() // the loop is parked, before the hook is armed
+		armed.Store(true)
+		_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to park
+		require.NoError(t, err)
+		<-parked
+		got := make(chan int, 1)
+		go func() {
+			v, err := b.Do(context.Background(), 5)
+			assert.NoError(t, err)
+			got <- v
+		}()
+		synctest.Wait()
+		require.Equal(t, 1, len(b.queue), "Do queued its request")
+		close(proceed)
+		assert.Equal(t, 25, <-got)
+	})
+}
+
+// A Do whose ctx ends while its request waits in the queue, behind full
+// workers, returns ctx.Err() at once; the loop later drops the request
+// without running it or counting it as accepted.
+func TestDoCancelledInTheQueue(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var ran atomic.Int64
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			ran.Add(1)
+			<-release
+			return i, nil
+		})
+		defer b.Close()
+		running, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		start := time.Now()
+		_, err = b.Do(ctx, 1)
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+		assert.Equal(t, time.Second, time.Since(start))
+		assert.Equal(t, 1, len(b.queue), "the request waits in the queue")
+		close(release)
+		<-running
+		v, err := b.Do(context.Background(), 2) // the loop takes the dropped request on its way
+		require.NoError(t, err)
+		assert.Equal(t, 2, v)
+		assert.Equal(t, int64(2), ran.Load(), "the cancelled request did not run")
+		s := b.Stats()
+		assert.Equal(t, uint64(2), s.Accepted)
+		assert.Equal(t, uint64(2), s.Completed)
+		assert.Zero(t, s.Failed)
+		assert.Zero(t, s.Waiting)
+	})
+}
+
+// Requests in the queue when Close begins are refused, whether the loop
+// finds them while it waits for a stuck Func or as it exits; and more
+// callers than the queue holds fall back to the hand-off and are refused
+// the same way.
+func TestQueueRefusedAtClose(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			<-release
+			return i, nil
+		})
+		running, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		const callers = queueBuffer + 8
+		errs := make(chan error, callers)
+		for i := range callers {
+			go func() {
+				_, err := b.Do(context.Background(), 1+i)
+				errs <- err
+			}()
+		}
+		synctest.Wait()
+		require.Equal(t, queueBuffer, len(b.queue))
+		require.Equal(t, callers, b.Stats().Waiting)
+		closed := make(chan error, 1)
+		go func() { closed <- b.Close() }()
+		synctest.Wait()
+		for range callers {
+			assert.ErrorIs(t, <-errs, ErrClosed)
+		}
+		close(release)
+		assert.NoError(t, <-closed)
+		assert.Equal(t, 0, (<-running).Value)
+		assert.Equal(t, uint64(1), b.Stats().Accepted)
+	})
+}

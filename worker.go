@@ -220,9 +220,12 @@ type Stats struct {
 	Failed uint64
 	// Panics counts Funcs that panicked (each also counts as Failed).
 	Panics uint64
-	// Waiting counts callers blocked in Do or Submit because every worker
-	// is full (or held back for a faster one, see WithLoadEstimate): the
-	// backlog in front of the balancer.
+	// Waiting counts the requests in front of the balancer, not yet
+	// given to a worker: callers waiting in Do or Submit because every
+	// worker is full (or held back for a faster one, see
+	// WithLoadEstimate), or for the loop to take their request. A Do
+	// whose ctx ended while it waited counts until the loop drops its
+	// request, which it does when a worker has room.
 	Waiting int
 	// MeanWait is how long requests waited for a slot lately, from the
 	// call (Do, Submit, TrySubmit) to a slot starting them (a request
@@ -311,7 +314,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	// Read after the completions it must not be less than: a request is
 	// accepted before it can complete.
 	s.Accepted = b.accepted.Load()
-	s.Waiting = int(b.waiting.Load())
+	s.Waiting = int(b.waiting.Load()) + len(b.queue)
 	return s
 }
 
