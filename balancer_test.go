@@ -96,6 +96,19 @@ func submitHeld(t *testing.T, b *Balancer[int, int], i int) <-chan Result[int, i
 	return c
 }
 
+// doHeld is submitHeld for Do, whose requests wait in the queue rather
+// than in a hand-off.
+func doHeld(t *testing.T, b *Balancer[int, int], i int) <-chan Result[int, int] {
+	t.Helper()
+	c := make(chan Result[int, int], 1)
+	go func() {
+		v, err := b.Do(context.Background(), i)
+		c <- Result[int, int]{Req: i, Value: v, Err: err}
+	}()
+	synctest.Wait()
+	return c
+}
+
 func mustNew(t *testing.T, workers int, fn Func[int, int], opts ...Option) *Balancer[int, int] {
 	t.Helper()
 	b, err := New(workers, fn, opts...)
@@ -966,41 +979,48 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 // caller, so callers are held until holdMargin (1.5) × that reaches slow's
 // 60 ms: the sixth caller sends one to slow.
 func TestHoldBackCountsSlots(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		b, err := NewFrom([]WorkerSpec[int, int]{
-			{Func: sleeper(10 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
-			{Func: sleeper(60 * time.Millisecond)},
-		}, WithLoadEstimate(true))
-		require.NoError(t, err)
-		defer b.Close()
-		var cs []<-chan Result[int, int]
-		submit := func(i int) { cs = append(cs, submitHeld(t, b, i)) }
-		for i := range 3 { // both are new, so both are tried
-			submit(i)
-		}
-		for _, c := range cs {
-			<-c
-		}
-		synctest.Wait()
-		require.Equal(t, []time.Duration{10 * time.Millisecond, 60 * time.Millisecond},
-			[]time.Duration{b.Stats().Workers[0].MeanService, b.Stats().Workers[1].MeanService})
+	for _, how := range []struct {
+		name string
+		call func(*testing.T, *Balancer[int, int], int) <-chan Result[int, int]
+	}{{"Submit", submitHeld}, {"Do", doHeld}} {
+		t.Run(how.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b, err := NewFrom([]WorkerSpec[int, int]{
+					{Func: sleeper(10 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
+					{Func: sleeper(60 * time.Millisecond)},
+				}, WithLoadEstimate(true))
+				require.NoError(t, err)
+				defer b.Close()
+				var cs []<-chan Result[int, int]
+				submit := func(i int) { cs = append(cs, how.call(t, b, i)) }
+				for i := range 3 { // both are new, so both are tried
+					submit(i)
+				}
+				for _, c := range cs {
+					<-c
+				}
+				synctest.Wait()
+				require.Equal(t, []time.Duration{10 * time.Millisecond, 60 * time.Millisecond},
+					[]time.Duration{b.Stats().Workers[0].MeanService, b.Stats().Workers[1].MeanService})
 
-		cs = nil
-		submit(3)
-		submit(4)
-		assert.Equal(t, []int{2, 0}, pendings(b), "fast is full")
-		for k := 1; k <= 5; k++ {
-			submit(4 + k)
-			assert.Equal(t, []int{2, 0}, pendings(b), "%d callers held", k)
-			assert.Equal(t, k, b.Stats().Waiting)
-		}
-		submit(10)
-		assert.Equal(t, []int{2, 1}, pendings(b), "the sixth caller sent one to slow")
-		assert.Equal(t, 5, b.Stats().Waiting)
-		for _, c := range cs {
-			assert.NoError(t, (<-c).Err)
-		}
-	})
+				cs = nil
+				submit(3)
+				submit(4)
+				assert.Equal(t, []int{2, 0}, pendings(b), "fast is full")
+				for k := 1; k <= 5; k++ {
+					submit(4 + k)
+					assert.Equal(t, []int{2, 0}, pendings(b), "%d callers held", k)
+					assert.Equal(t, k, b.Stats().Waiting)
+				}
+				submit(10)
+				assert.Equal(t, []int{2, 1}, pendings(b), "the sixth caller sent one to slow")
+				assert.Equal(t, 5, b.Stats().Waiting)
+				for _, c := range cs {
+					assert.NoError(t, (<-c).Err)
+				}
+			})
+		})
+	}
 }
 
 // WorkerOptions given to New set every worker's defaults, AddWorker's too,
