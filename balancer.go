@@ -892,9 +892,9 @@ func noop() {}
 // for longer than the loop takes to get back to its select.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
+	ready := b.ready()
 	for !b.closing || b.pending > 0 {
 		var requests, queue chan request[Req, Res]
-		ready := b.ready()
 		if ready || b.closing {
 			queue = b.queue
 		}
@@ -944,7 +944,7 @@ func (b *Balancer[Req, Res]) loop() {
 				b.expired = true
 			}
 		}
-		b.drain()
+		ready = b.drain()
 	}
 	b.refuseQueued()
 	for _, s := range b.pool.slots {
@@ -957,13 +957,14 @@ func (b *Balancer[Req, Res]) loop() {
 const drainBatch = 128
 
 // drain dispatches requests that are already waiting, while there is room,
-// with single-channel polls that cost much less than the select. It looks
-// at the hand-offs first: they are fewer, and a full queue sends Do there.
-func (b *Balancer[Req, Res]) drain() {
+// with single-channel polls that cost much less than the select, and
+// returns whether the loop may take more (see ready). It looks at the
+// hand-offs first: they are fewer, and a full queue sends Do there.
+func (b *Balancer[Req, Res]) drain() bool {
 	for range drainBatch {
 		b.takeCompletions()
 		if !b.ready() {
-			return
+			return false
 		}
 		select {
 		case r := <-b.requests:
@@ -975,9 +976,11 @@ func (b *Balancer[Req, Res]) drain() {
 		case r := <-b.queue:
 			b.takeQueued(r)
 		default:
-			return
+			return true
 		}
 	}
+	b.takeCompletions()
+	return b.ready()
 }
 
 // takeQueued dispatches a request from the queue, unless Close began

@@ -2783,3 +2783,25 @@ func TestQueueRefusedAtClose(t *testing.T) {
 		assert.Equal(t, uint64(1), b.Stats().Accepted)
 	})
 }
+
+// With no worker, Do's requests wait in the queue; Close then has nothing
+// pending, so the loop exits at once, and refuses them as it goes.
+func TestQueueRefusedAtCloseWithNoWorkers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 0, square)
+		errs := make(chan error, 3)
+		for i := range 3 {
+			go func() {
+				_, err := b.Do(context.Background(), i)
+				errs <- err
+			}()
+		}
+		synctest.Wait()
+		require.Equal(t, 3, len(b.queue))
+		require.NoError(t, b.Close())
+		for range 3 {
+			assert.ErrorIs(t, <-errs, ErrClosed)
+		}
+		assert.Zero(t, b.Stats().Accepted)
+	})
+}

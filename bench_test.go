@@ -41,10 +41,10 @@ func newDispatcher(b testing.TB, name string, workers, depth int, fn func(i int)
 func newDispatcherOf(b testing.TB, name string, workers, concurrency, depth int, fn func(i int) balancer.Func[int, int]) dispatcher {
 	b.Helper()
 	switch name {
-	case "balancer", "estimate":
+	case "balancer", "estimate", "count":
 		opts := []balancer.Option{balancer.WithQueueDepth(depth), balancer.WithConcurrency(concurrency)}
-		if name == "estimate" {
-			opts = append(opts, balancer.WithLoadEstimate(true))
+		if name != "balancer" {
+			opts = append(opts, balancer.WithLoadEstimate(name == "estimate"))
 		}
 		d, err := balancer.New(0, fn(0), opts...)
 		if err != nil {
@@ -193,7 +193,8 @@ func trivial(ctx context.Context, x int) (int, error) { return x + 1, nil }
 func allTrivial(int) balancer.Func[int, int] { return trivial }
 
 // BenchmarkDo measures the cost of one request with a trivial Func: the
-// dispatch overhead. callers goroutines share b.N requests. The
+// dispatch overhead. callers goroutines share b.N requests. "balancer" has
+// the defaults, "count" WithLoadEstimate(false). The
 // "workers=1,concurrency=8" rows run one worker of concurrency 8, to compare with
 // eight workers of concurrency 1.
 func BenchmarkDo(b *testing.B) {
@@ -207,7 +208,7 @@ func BenchmarkDo(b *testing.B) {
 	for _, workers := range []int{8, 4096} {
 		for _, depth := range []int{balancer.DefaultQueueDepth, 4} {
 			for _, callers := range []int{1, 8, 64} {
-				for _, name := range []string{"balancer", "shared", "roundrobin", "random"} {
+				for _, name := range []string{"balancer", "count", "shared", "roundrobin", "random"} {
 					if name == "shared" && depth != 1 {
 						continue // it has no per-worker queue
 					}
@@ -267,6 +268,25 @@ func BenchmarkSubmit(b *testing.B) {
 			<-c
 		}
 	})
+}
+
+// BenchmarkTrySubmit measures TrySubmit plus reading the result, from one
+// caller, so that no worker is ever full.
+func BenchmarkTrySubmit(b *testing.B) {
+	d, err := balancer.New(8, trivial)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	b.ReportAllocs()
+	ctx := context.Background()
+	for b.Loop() {
+		c, err := d.TrySubmit(ctx, 1)
+		if err != nil {
+			b.Fatal(err)
+		}
+		<-c
+	}
 }
 
 // A scenario is one group of rows of the balance-quality table: workers,

@@ -273,6 +273,9 @@ const (
 // once. (The balancer-wide average is computed by Stats from the workers',
 // which keeps a line of memory shared by every worker off the hot path.)
 func observeWait[Req, Res any](w *worker[Req, Res], d time.Duration) {
+	if a := w.wait.Load(); d == 0 && a > 0 && a <= fallSmoothing {
+		return // a step of 1/fallSmoothing from here to no wait rounds to nothing
+	}
 	w.waited.Add(int64(d))
 	ewma(&w.wait, int64(max(d, 1))) // zero means "no observation"
 }
