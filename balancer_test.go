@@ -2476,43 +2476,50 @@ func TestDocsAreExamples(t *testing.T) {
 // A Func is stuck while Close waits and 64 callers wait in Do: every
 // caller gets ErrClosed exactly once (none of them was accepted), Close
 // returns once the Func does, and the stuck request gets its own result.
+// With more callers than Do's queue holds, the rest wait in hand-offs and
+// are refused the same way.
 func TestTrapStuckFuncWhileCloseWaits(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		release := make(chan struct{})
-		var ran atomic.Int64
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			ran.Add(1)
-			if i == 0 {
-				<-release
-			}
-			return i, nil
+	for _, callers := range []int{64, queueBuffer + 8} {
+		t.Run(fmt.Sprint(callers, " callers"), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				release := make(chan struct{})
+				var ran atomic.Int64
+				b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+					ran.Add(1)
+					if i == 0 {
+						<-release
+					}
+					return i, nil
+				})
+				stuck, err := b.Submit(context.Background(), 0)
+				require.NoError(t, err)
+				errs := make(chan error, callers)
+				for i := range callers {
+					go func() {
+						_, err := b.Do(context.Background(), 1+i)
+						errs <- err
+					}()
+				}
+				synctest.Wait()
+				require.Equal(t, callers, b.Stats().Waiting)
+				require.Equal(t, min(callers, queueBuffer), len(b.queue))
+				closed := make(chan error, 1)
+				go func() { closed <- b.Close() }()
+				synctest.Wait()
+				for range callers {
+					assert.ErrorIs(t, <-errs, ErrClosed)
+				}
+				assert.Empty(t, closed, "Close waits for the stuck Func")
+				close(release)
+				assert.NoError(t, <-closed)
+				assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0}, <-stuck)
+				assert.Equal(t, int64(1), ran.Load(), "only the accepted request ran")
+				s := b.Stats()
+				assert.Equal(t, uint64(1), s.Accepted)
+				assert.Equal(t, uint64(1), s.Completed)
+			})
 		})
-		stuck, err := b.Submit(context.Background(), 0)
-		require.NoError(t, err)
-		errs := make(chan error, 64)
-		for i := range 64 {
-			go func() {
-				_, err := b.Do(context.Background(), 1+i)
-				errs <- err
-			}()
-		}
-		synctest.Wait()
-		require.Equal(t, 64, b.Stats().Waiting)
-		closed := make(chan error, 1)
-		go func() { closed <- b.Close() }()
-		synctest.Wait()
-		for range 64 {
-			assert.ErrorIs(t, <-errs, ErrClosed)
-		}
-		assert.Empty(t, closed, "Close waits for the stuck Func")
-		close(release)
-		assert.NoError(t, <-closed)
-		assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0}, <-stuck)
-		assert.Equal(t, int64(1), ran.Load(), "only the accepted request ran")
-		s := b.Stats()
-		assert.Equal(t, uint64(1), s.Accepted)
-		assert.Equal(t, uint64(1), s.Completed)
-	})
+	}
 }
 
 // A Do whose ctx ends while its request is queued at a worker returns at
@@ -2837,43 +2844,6 @@ func TestDoCancelledInTheQueue(t *testing.T) {
 		assert.Equal(t, uint64(2), s.Completed)
 		assert.Zero(t, s.Failed)
 		assert.Zero(t, s.Waiting)
-	})
-}
-
-// Requests in the queue when Close begins are refused, whether the loop
-// finds them while it waits for a stuck Func or as it exits; and more
-// callers than the queue holds fall back to the hand-off and are refused
-// the same way.
-func TestQueueRefusedAtClose(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		release := make(chan struct{})
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			<-release
-			return i, nil
-		})
-		running, err := b.Submit(context.Background(), 0)
-		require.NoError(t, err)
-		const callers = queueBuffer + 8
-		errs := make(chan error, callers)
-		for i := range callers {
-			go func() {
-				_, err := b.Do(context.Background(), 1+i)
-				errs <- err
-			}()
-		}
-		synctest.Wait()
-		require.Equal(t, queueBuffer, len(b.queue))
-		require.Equal(t, callers, b.Stats().Waiting)
-		closed := make(chan error, 1)
-		go func() { closed <- b.Close() }()
-		synctest.Wait()
-		for range callers {
-			assert.ErrorIs(t, <-errs, ErrClosed)
-		}
-		close(release)
-		assert.NoError(t, <-closed)
-		assert.Equal(t, 0, (<-running).Value)
-		assert.Equal(t, uint64(1), b.Stats().Accepted)
 	})
 }
 
