@@ -80,6 +80,16 @@ func sleeper(d time.Duration) Func[int, int] {
 	}
 }
 
+// gated returns a Func that counts its runs in ran and returns its
+// request once release is closed.
+func gated(ran *atomic.Int64, release <-chan struct{}) Func[int, int] {
+	return func(ctx context.Context, i int) (int, error) {
+		ran.Add(1)
+		<-release
+		return i, nil
+	}
+}
+
 // submitHeld submits i from a goroutine, since Submit itself waits while
 // the request is held back, and returns a channel for its result once
 // everything in the bubble has settled. Call it inside synctest.Test.
@@ -2528,11 +2538,7 @@ func TestTrapDoCancelledWhileQueued(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		release := make(chan struct{})
 		var ran atomic.Int64
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			ran.Add(1)
-			<-release
-			return i, nil
-		}, WithQueueDepth(2))
+		b := mustNew(t, 1, gated(&ran, release), WithQueueDepth(2))
 		defer b.Close()
 		running, err := b.Submit(context.Background(), 0)
 		require.NoError(t, err)
@@ -2818,11 +2824,7 @@ func TestDoCancelledInTheQueue(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		release := make(chan struct{})
 		var ran atomic.Int64
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			ran.Add(1)
-			<-release
-			return i, nil
-		})
+		b := mustNew(t, 1, gated(&ran, release))
 		defer b.Close()
 		running, err := b.Submit(context.Background(), 0)
 		require.NoError(t, err)

@@ -248,13 +248,20 @@ func benchCallers(b *testing.B, d dispatcher, callers int) {
 	b.StopTimer()
 }
 
-// BenchmarkSubmit measures Submit plus reading the result, for its
-// allocations.
-func BenchmarkSubmit(b *testing.B) {
+// newTrivial returns a balancer of 8 workers running trivial.
+func newTrivial(b *testing.B) *balancer.Balancer[int, int] {
+	b.Helper()
 	d, err := balancer.New(8, trivial)
 	if err != nil {
 		b.Fatal(err)
 	}
+	return d
+}
+
+// BenchmarkSubmit measures Submit plus reading the result, for its
+// allocations.
+func BenchmarkSubmit(b *testing.B) {
+	d := newTrivial(b)
 	defer d.Close()
 	b.ReportAllocs()
 	ctx := context.Background()
@@ -273,10 +280,7 @@ func BenchmarkSubmit(b *testing.B) {
 // BenchmarkTrySubmit measures TrySubmit plus reading the result, from one
 // caller, so that no worker is ever full.
 func BenchmarkTrySubmit(b *testing.B) {
-	d, err := balancer.New(8, trivial)
-	if err != nil {
-		b.Fatal(err)
-	}
+	d := newTrivial(b)
 	defer d.Close()
 	b.ReportAllocs()
 	ctx := context.Background()
