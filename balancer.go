@@ -282,7 +282,6 @@ type Balancer[Req, Res any] struct {
 	defaults workerOptions           // for AddWorker, from New's options
 	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
 	queue    chan request[Req, Res]  // Do's requests, buffered (see Do for how none is stranded)
-	done     chan *worker[Req, Res]  // completions, buffered: see the loop for why a send never waits long
 	cmds     chan *command[Req, Res] // unbuffered: the loop always receives commands until it exits
 	quit     chan struct{}           // closed once, by the first Close or Shutdown
 	exited   chan struct{}           // closed by the loop as it returns
@@ -297,6 +296,11 @@ type Balancer[Req, Res any] struct {
 	idle     atomic.Bool    // the loop is parked, or about to park, on requests alone (see Do)
 	holding  atomic.Bool    // the loop is holding requests back and wants a nudge when one more waits
 	nudge    chan struct{}  // capacity 1: wakes a loop that holds back (see holdBack)
+	// finished is a stack of the workers with completions the loop has
+	// not taken (see report): workers push, the loop takes it whole.
+	finished atomic.Pointer[worker[Req, Res]]
+	sleeping atomic.Bool   // the loop waits for completions, among other things, and wants a wake
+	wake     chan struct{} // capacity 1: wakes a sleeping loop (see report)
 	roster   atomic.Pointer[roster[Req, Res]]
 	hooks    *hooks // nil outside tests
 
@@ -325,6 +329,7 @@ type Balancer[Req, Res any] struct {
 type hooks struct {
 	queue func() // in Do, after its checks, before its request goes into the queue
 	park  func() // in the loop, after its last look at the queue, before it parks on requests
+	sleep func() // in the loop, before it prepares to sleep on completions
 }
 
 // minSeq is below every dispatch sequence number: a worker that was never
@@ -336,12 +341,6 @@ const minSeq = math.MinInt64
 // request and parks once, on its reply, and the loop takes them in
 // batches. When it is full, Do waits in a hand-off like Submit.
 const queueBuffer = 128
-
-// doneBuffer is the capacity of the done channel. The loop lets
-// completions wait in it while it waits for requests, and takes them all
-// before each dispatch, so that a completion does not cost the loop a
-// wake-up of its own.
-const doneBuffer = 1024
 
 // command asks the loop to do something only the owner of the pool can.
 type command[Req, Res any] struct {
@@ -437,7 +436,7 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		defaults: o.worker,
 		requests: make(chan request[Req, Res]),
 		queue:    make(chan request[Req, Res], queueBuffer),
-		done:     make(chan *worker[Req, Res], doneBuffer),
+		wake:     make(chan struct{}, 1),
 		cmds:     make(chan *command[Req, Res]),
 		quit:     make(chan struct{}),
 		exited:   make(chan struct{}),
@@ -882,14 +881,13 @@ func noop() {}
 // refuses what it finds in the queue, so that Do returns ErrClosed
 // promptly, and empties the queue as it exits.
 //
-// Completions need not wake it: while a worker has room it waits for
-// requests and commands only, and takes every completion waiting in done
-// before each dispatch, so each dispatch still sees current loads. It also
-// waits for completions when it needs them: when every worker is full,
-// while closing, while a removed worker drains, and when more requests are
-// pending than done can buffer. That last rule bounds the completions
-// waiting in done by its capacity, so a worker never waits for room in it
-// for longer than the loop takes to get back to its select.
+// Completions need not wake it: workers push them on a stack that costs
+// them no wait and the loop no wake-up (see report), and while a worker
+// has room the loop waits for requests and commands only and takes every
+// completion before each dispatch, so each dispatch still sees current
+// loads. It sleeps on completions too when it needs them: when every
+// worker is full or it holds back, while closing, and while a removed
+// worker drains.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	ready := b.ready()
@@ -901,11 +899,7 @@ func (b *Balancer[Req, Res]) loop() {
 		if ready {
 			requests = b.requests
 		}
-		var done chan *worker[Req, Res]
-		if requests == nil || b.draining > 0 || b.pending >= cap(b.done) {
-			done = b.done
-		}
-		if done == nil {
+		if requests != nil && b.draining == 0 {
 			// Commands come through requests too (see command), and a
 			// Do whose request may go unseen pokes there (see Do), so
 			// a plain receive, much cheaper than a select, is enough.
@@ -922,7 +916,7 @@ func (b *Balancer[Req, Res]) loop() {
 				b.idle.Store(false)
 				b.take(r)
 			}
-		} else {
+		} else if b.sleep() {
 			var nudge chan struct{}
 			var expired <-chan time.Time
 			if b.held {
@@ -933,8 +927,7 @@ func (b *Balancer[Req, Res]) loop() {
 				b.takeQueued(r)
 			case r := <-requests:
 				b.take(r)
-			case w := <-done:
-				b.complete(w)
+			case <-b.wake: // a completion: drain takes it
 			case c := <-b.cmds:
 				b.takeCompletions()
 				c.reply <- b.apply(c)
@@ -943,6 +936,7 @@ func (b *Balancer[Req, Res]) loop() {
 				b.timing = false
 				b.expired = true
 			}
+			b.sleeping.Store(false)
 		}
 		ready = b.drain()
 	}
@@ -1009,14 +1003,56 @@ func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
 	}
 }
 
-// takeCompletions records every completion waiting in done.
+// sleep prepares the loop to sleep on completions, and reports whether
+// it may: not if a completion came in the meantime. The loop sets
+// sleeping before it looks at the stack a last time, and a worker reads
+// sleeping after it pushed, so either the loop sees the push or it gets
+// a wake.
+func (b *Balancer[Req, Res]) sleep() bool {
+	if b.hooks != nil && b.hooks.sleep != nil {
+		b.hooks.sleep()
+	}
+	b.sleeping.Store(true)
+	if b.finished.Load() != nil {
+		b.sleeping.Store(false)
+		return false
+	}
+	return true
+}
+
+// takeCompletions records every completion the workers have reported.
 func (b *Balancer[Req, Res]) takeCompletions() {
-	for {
-		select {
-		case w := <-b.done:
+	if b.finished.Load() == nil {
+		return
+	}
+	for w := b.finished.Swap(nil); w != nil; {
+		next := w.next // w may be pushed again once its count is taken
+		for n := w.untaken.Swap(0); n > 0; n-- {
 			b.complete(w)
-		default:
-			return
+		}
+		w = next
+	}
+}
+
+// report tells the loop that a slot of w finished a request, without a
+// channel: the first completion the loop has not taken pushes w on the
+// finished stack, later ones only count, and the loop is woken only if it
+// sleeps. w's slots call it concurrently.
+func (b *Balancer[Req, Res]) report(w *worker[Req, Res]) {
+	if w.untaken.Add(1) > 1 {
+		return // w is on the stack, or the loop is taking it and will read the count after
+	}
+	for {
+		top := b.finished.Load()
+		w.next = top
+		if b.finished.CompareAndSwap(top, w) {
+			break
+		}
+	}
+	if b.sleeping.Load() {
+		select {
+		case b.wake <- struct{}{}:
+		default: // a wake is pending already
 		}
 	}
 }

@@ -2870,3 +2870,36 @@ func TestQueueRefusedAtCloseWithNoWorkers(t *testing.T) {
 		assert.Zero(t, b.Stats().Accepted)
 	})
 }
+
+// A completion that a worker reports just before the loop prepares to
+// sleep on completions is seen: the loop looks at the stack a last time
+// after it says it sleeps, so the freed slot takes the next request.
+func TestCompletionJustBeforeTheLoopSleeps(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		inHook, proceed := make(chan struct{}), make(chan struct{})
+		var armed atomic.Bool
+		var ran atomic.Int64
+		release := make(chan struct{})
+		b := mustNew(t, 1, gated(&ran, release), &withHooks{sleep: func() {
+			if armed.CompareAndSwap(true, false) {
+				close(inHook)
+				<-proceed // meanwhile the worker completes, and finds the loop awake
+			}
+		}})
+		defer b.Close()
+		first, err := b.Submit(context.Background(), 1)
+		require.NoError(t, err)
+		synctest.Wait() // the loop sleeps: its one worker is full
+		armed.Store(true)
+		_, err = b.TrySubmit(context.Background(), 2) // a command wakes the loop; it comes back to sleep
+		require.ErrorIs(t, err, ErrFull)
+		<-inHook
+		close(release)
+		assert.Equal(t, 1, (<-first).Value)
+		synctest.Wait() // the completion is on the stack, and nobody woke the loop
+		close(proceed)
+		v, err := b.Do(context.Background(), 3)
+		require.NoError(t, err)
+		assert.Equal(t, 3, v)
+	})
+}

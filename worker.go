@@ -72,6 +72,11 @@ type worker[Req, Res any] struct {
 	// live counts the slots' goroutines that have not ended; the last to
 	// end closes exited.
 	live atomic.Int64
+	// untaken counts the completions the loop has not taken; next links
+	// w in b.finished while it is there, written by the slot that pushes
+	// it (see report).
+	untaken atomic.Int64
+	next    *worker[Req, Res]
 
 	// Owned by the loop.
 	pending int     // requests queued or running, as of the completions taken
@@ -197,9 +202,8 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	w.completed.Add(1)
 	w.running.Add(-1)
 	// The slot is reported before the result is delivered, so a caller
-	// who has its result and submits again finds the slot free. The loop
-	// keeps room for this send (see loop).
-	w.b.done <- w
+	// who has its result and submits again finds the slot free.
+	w.b.report(w)
 	r.deliver(res)
 }
 

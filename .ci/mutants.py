@@ -11,7 +11,7 @@ muts = {
  "Swap forgets index": ("pool.go", "\tp.at[p.slots[i].h] = i\n\tp.at[p.slots[j].h] = j\n", ""),
  "Close drops queued": ("balancer.go", "\tcase c.op == opQuit:\n\t\tb.closing = true\n", "\tcase c.op == opQuit:\n\t\tb.closing = true\n\t\tfor _, s := range b.pool.slots {\n\t\t\tfor len(s.w.reqs) > 0 {\n\t\t\t\t<-s.w.reqs\n\t\t\t\ts.w.pending--\n\t\t\t\tb.pending--\n\t\t\t}\n\t\t}\n"),
  "loop exits without draining": ("balancer.go", "for !b.closing || b.pending > 0 {", "for !b.closing {"),
- "recovered panic sends no outcome": ("worker.go", "\tw.finish(slot, r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.done <- w\n\t\treturn\n\t}\n\tw.finish(slot, r, res)\n}"),
+ "recovered panic sends no outcome": ("worker.go", "\tw.finish(slot, r, res)\n}", "\tif _, ok := res.Err.(*PanicError); ok {\n\t\tw.b.report(w)\n\t\treturn\n\t}\n\tw.finish(slot, r, res)\n}"),
  "Goexit loses outcome and slot": ("worker.go", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n\t\tw.finish(i, r, *res)\n", "\t\tres.Value, res.Err = *new(Res), ErrGoexit\n"),
  "full worker keeps a finite cost": ("pool.go", "\tif w.pending >= w.limit {\n\t\treturn math.Inf(1)", "\tif false {\n\t\treturn math.Inf(1)"),
  "hold never times out": ("pool.go", "b.timer.Reset(time.Duration(b.pool.slots[0].cost))", "b.timer.Reset(time.Hour)"),
@@ -53,7 +53,10 @@ muts = {
  "a late Do does not empty the queue": ("balancer.go", "\t\t\tb.refuseQueued()\n\t\t\tres := <-reply", "\t\t\tres := <-reply"),
  "Stats does not count the queue": ("worker.go", "int(b.waiting.Load()) + len(b.queue)", "int(b.waiting.Load())"),
  "hold does not count the queue": ("pool.go", "b.waiting.Load() + int64(len(b.queue))", "b.waiting.Load()"),
- "queued Do's wait not timed": ("balancer.go", "\t\tr.at = b.now() // it waits", "\t\t// it waits"),
+ "queued Do's wait not timed": ("balancer.go", "\t\tr.at = b.now() // it waits, so", "\t\t// it waits, so"),
+ "a worker does not wake a sleeping loop": ("balancer.go", "\tif b.sleeping.Load() {\n", "\tif false {\n"),
+ "loop sleeps without a last look at the stack": ("balancer.go", "\tif b.finished.Load() != nil {\n\t\tb.sleeping.Store(false)\n\t\treturn false", "\tif false {\n\t\tb.sleeping.Store(false)\n\t\treturn false"),
+ "one completion taken per push": ("balancer.go", "for n := w.untaken.Swap(0); n > 0; n-- {", "for n := min(w.untaken.Swap(0), 1); n > 0; n-- {"),
  "running never decremented": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n", "\tw.completed.Add(1)\n"),
 }
 only = sys.argv[1:]
