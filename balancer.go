@@ -328,6 +328,7 @@ type Balancer[Req, Res any] struct {
 // matters. Each is nil unless a test sets it before the balancer runs.
 type hooks struct {
 	queue func() // in Do, after its checks, before its request goes into the queue
+	idle  func() // in the loop, before it says it is idle
 	park  func() // in the loop, after its last look at the queue, before it parks on requests
 	sleep func() // in the loop, before it prepares to sleep on completions
 }
@@ -903,6 +904,9 @@ func (b *Balancer[Req, Res]) loop() {
 			// Commands come through requests too (see command), and a
 			// Do whose request may go unseen pokes there (see Do), so
 			// a plain receive, much cheaper than a select, is enough.
+			if b.hooks != nil && b.hooks.idle != nil {
+				b.hooks.idle()
+			}
 			b.idle.Store(true)
 			select {
 			case r := <-queue:

@@ -2817,6 +2817,38 @@ func TestDoPokesALoopAboutToPark(t *testing.T) {
 	})
 }
 
+// A Do that queues its request just before the loop says it is idle
+// does not poke it, so the loop must find the request in its last look at
+// the queue.
+func TestDoQueuesJustBeforeTheLoopSaysIdle(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		inHook, proceed := make(chan struct{}), make(chan struct{})
+		var armed atomic.Bool
+		b := mustNew(t, 1, square, &withHooks{idle: func() {
+			if armed.CompareAndSwap(true, false) {
+				close(inHook)
+				<-proceed // meanwhile Do queues, and finds the loop not idle
+			}
+		}})
+		defer b.Close()
+		synctest.Wait()
+		armed.Store(true)
+		_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to idle
+		require.NoError(t, err)
+		<-inHook
+		got := make(chan int, 1)
+		go func() {
+			v, err := b.Do(context.Background(), 5)
+			assert.NoError(t, err)
+			got <- v
+		}()
+		synctest.Wait()
+		require.Equal(t, 1, len(b.queue), "Do queued its request")
+		close(proceed)
+		assert.Equal(t, 25, <-got)
+	})
+}
+
 // A Do whose ctx ends while its request waits in the queue, behind full
 // workers, returns ctx.Err() at once; the loop later drops the request
 // without running it or counting it as accepted.
