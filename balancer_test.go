@@ -2785,68 +2785,47 @@ func TestDoQueuedAfterTheLoopExited(t *testing.T) {
 	})
 }
 
-// A Do that queues its request just after the loop last looked at the
-// queue, and just before it parks waiting for a hand-off, pokes the loop,
-// which then takes the request.
-func TestDoPokesALoopAboutToPark(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		parked, proceed := make(chan struct{}), make(chan struct{})
-		armed := atomic.Bool{}
-		b := mustNew(t, 1, square, &withHooks{park: func() {
-			if armed.CompareAndSwap(true, false) {
-				close(parked)
-				<-proceed // meanwhile Do finds the loop not parked and queues
-			}
-		}})
-		defer b.Close()
-		synctest.Wait() // the loop is parked, before the hook is armed
-		armed.Store(true)
-		_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to park
-		require.NoError(t, err)
-		<-parked
-		got := make(chan int, 1)
-		go func() {
-			v, err := b.Do(context.Background(), 5)
-			assert.NoError(t, err)
-			got <- v
-		}()
-		synctest.Wait()
-		require.Equal(t, 1, len(b.queue), "Do queued its request")
-		close(proceed)
-		assert.Equal(t, 25, <-got)
-	})
-}
-
-// A Do that queues its request just before the loop says it is idle
-// does not poke it, so the loop must find the request in its last look at
-// the queue.
-func TestDoQueuesJustBeforeTheLoopSaysIdle(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		inHook, proceed := make(chan struct{}), make(chan struct{})
-		var armed atomic.Bool
-		b := mustNew(t, 1, square, &withHooks{idle: func() {
-			if armed.CompareAndSwap(true, false) {
-				close(inHook)
-				<-proceed // meanwhile Do queues, and finds the loop not idle
-			}
-		}})
-		defer b.Close()
-		synctest.Wait()
-		armed.Store(true)
-		_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to idle
-		require.NoError(t, err)
-		<-inHook
-		got := make(chan int, 1)
-		go func() {
-			v, err := b.Do(context.Background(), 5)
-			assert.NoError(t, err)
-			got <- v
-		}()
-		synctest.Wait()
-		require.Equal(t, 1, len(b.queue), "Do queued its request")
-		close(proceed)
-		assert.Equal(t, 25, <-got)
-	})
+// A Do that queues its request while the loop goes idle is served:
+// just before the loop says it is idle, Do does not poke it, and the
+// loop's last look at the queue finds the request; just after that look,
+// before the loop parks on hand-offs, Do sees it idle and pokes it.
+func TestDoQueuesWhileTheLoopGoesIdle(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		at   func(func()) *withHooks
+	}{
+		{"before the loop says it is idle", func(h func()) *withHooks { return &withHooks{idle: h} }},
+		{"after its last look, before it parks", func(h func()) *withHooks { return &withHooks{park: h} }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				inHook, proceed := make(chan struct{}), make(chan struct{})
+				var armed atomic.Bool
+				b := mustNew(t, 1, square, tt.at(func() {
+					if armed.CompareAndSwap(true, false) {
+						close(inHook)
+						<-proceed // meanwhile Do finds the loop not parked, and queues
+					}
+				}))
+				defer b.Close()
+				synctest.Wait() // the loop is parked, before the hook is armed
+				armed.Store(true)
+				_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to park
+				require.NoError(t, err)
+				<-inHook
+				got := make(chan int, 1)
+				go func() {
+					v, err := b.Do(context.Background(), 5)
+					assert.NoError(t, err)
+					got <- v
+				}()
+				synctest.Wait()
+				require.Equal(t, 1, len(b.queue), "Do queued its request")
+				close(proceed)
+				assert.Equal(t, 25, <-got)
+			})
+		})
+	}
 }
 
 // A Do whose ctx ends while its request waits in the queue, behind full
