@@ -312,6 +312,8 @@ type Balancer[Req, Res any] struct {
 	seq      int64 // dispatch sequence number
 	pending  int   // over all workers, as of the completions taken
 	draining int   // removed workers not yet retired
+	took     int   // requests taken in this round: since the loop last woke
+	lone     int   // rounds in a row, up to loneRounds, that took one request each
 
 	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
@@ -883,12 +885,20 @@ func noop() {}
 // promptly, and empties the queue as it exits.
 //
 // Completions need not wake it: workers push them on a stack that costs
-// them no wait and the loop no wake-up (see report), and while a worker
-// has room the loop waits for requests and commands only and takes every
-// completion before each dispatch, so each dispatch still sees current
-// loads. It sleeps on completions too when it needs them: when every
+// them no wait and the loop no wake-up (see report), and the loop takes
+// every completion before each dispatch, so each dispatch still sees
+// current loads. It sleeps on completions when it needs them: when every
 // worker is full or it holds back, while closing, and while a removed
 // worker drains.
+//
+// While a worker has room, how it waits depends on how requests come.
+// One at a time (loneRounds rounds in a row that each took one request),
+// it parks on hand-offs alone, the cheapest wait there is. In bursts, it
+// also sleeps on completions. A worker then wakes it before it answers
+// its caller, and the runtime runs the caller first: the callers that were
+// answered queue their next requests behind the loop, and the loop takes
+// them in one round, so that a request costs fewer than three parks. A
+// round that takes two requests or more counts as a burst.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	ready := b.ready()
@@ -900,7 +910,7 @@ func (b *Balancer[Req, Res]) loop() {
 		if ready {
 			requests = b.requests
 		}
-		if requests != nil && b.draining == 0 {
+		if requests != nil && b.draining == 0 && b.lone >= loneRounds {
 			// Commands come through requests too (see command), and a
 			// Do whose request may go unseen pokes there (see Do), so
 			// a plain receive, much cheaper than a select, is enough.
@@ -943,12 +953,25 @@ func (b *Balancer[Req, Res]) loop() {
 			b.sleeping.Store(false)
 		}
 		ready = b.drain()
+		if b.took > 1 { // a burst
+			b.lone = 0
+		} else if b.took == 1 && b.lone < loneRounds {
+			b.lone++
+		}
+		b.took = 0
 	}
 	b.refuseQueued()
 	for _, s := range b.pool.slots {
 		close(s.w.reqs)
 	}
 }
+
+// loneRounds is how many rounds in a row must each take one request
+// before the loop, while a worker has room, stops sleeping on completions
+// (see loop). Rounds that took none, woken by a completion or a command,
+// do not count either way. More than one lets a burst survive a round
+// that found a single caller queued.
+const loneRounds = 8
 
 // drainBatch bounds the requests drain takes between two selects, so that a
 // steady stream of them cannot keep the loop from a command.
@@ -1003,6 +1026,7 @@ func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
 	case r.cmd != nil:
 		r.cmd.reply <- b.apply(r.cmd)
 	case r.ctx != nil:
+		b.took++
 		b.dispatch(r)
 	}
 }

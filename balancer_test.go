@@ -2808,6 +2808,7 @@ func TestDoQueuesWhileTheLoopGoesIdle(t *testing.T) {
 					}
 				}))
 				defer b.Close()
+				doLone(t, b)    // so that the loop parks on hand-offs alone
 				synctest.Wait() // the loop is parked, before the hook is armed
 				armed.Store(true)
 				_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to park
@@ -2912,5 +2913,80 @@ func TestCompletionJustBeforeTheLoopSleeps(t *testing.T) {
 		v, err := b.Do(context.Background(), 3)
 		require.NoError(t, err)
 		assert.Equal(t, 3, v)
+	})
+}
+
+// doLone makes loneRounds requests one at a time, which makes the loop
+// stop sleeping on completions while a worker has room (see loop).
+func doLone(t *testing.T, b *Balancer[int, int]) {
+	t.Helper()
+	for i := range loneRounds {
+		v, err := b.Do(context.Background(), i)
+		require.NoError(t, err)
+		require.Equal(t, i*i, v)
+	}
+}
+
+// While a worker has room, the loop sleeps on completions until
+// loneRounds rounds in a row have each taken one request; from then on it
+// parks on hand-offs alone, until a round takes two.
+func TestLoopSleepsOnCompletionsInBursts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var idles, sleeps atomic.Int64
+		var holding atomic.Bool
+		hold := make(chan struct{})
+		b := mustNew(t, 3, square, &withHooks{
+			idle: func() {
+				idles.Add(1)
+				if holding.CompareAndSwap(true, false) {
+					<-hold // meanwhile two Do calls queue
+				}
+			},
+			sleep: func() { sleeps.Add(1) },
+		})
+		defer b.Close()
+		// parks reports, once the balancer is still, how the loop has
+		// waited since the last call: on hand-offs alone, or also on
+		// completions.
+		parks := func() (idle, sleep int64) {
+			synctest.Wait()
+			return idles.Swap(0), sleeps.Swap(0)
+		}
+		do := func(i int) {
+			v, err := b.Do(context.Background(), i)
+			assert.NoError(t, err)
+			assert.Equal(t, i*i, v)
+		}
+		parks()
+		for i := range loneRounds {
+			do(i)
+			idle, sleep := parks()
+			if i < loneRounds-1 {
+				assert.Zero(t, idle, "round %d", i)
+				assert.Equal(t, int64(2), sleep, "round %d: after the request, and after its completion", i)
+			} else {
+				assert.Equal(t, int64(1), idle, "round %d", i)
+				assert.Zero(t, sleep, "round %d", i)
+			}
+		}
+		do(3)
+		idle, sleep := parks()
+		assert.Equal(t, int64(1), idle, "the completion did not wake the loop")
+		assert.Zero(t, sleep)
+
+		holding.Store(true)
+		go do(4) // the loop takes it alone, then stops in the hook
+		synctest.Wait()
+		go do(5)
+		go do(6)
+		synctest.Wait()
+		require.Equal(t, 2, len(b.queue))
+		close(hold) // the loop takes both in one round
+		_, sleep = parks()
+		assert.Positive(t, sleep, "a burst: the loop sleeps on completions again")
+		do(7)
+		idle, sleep = parks()
+		assert.Zero(t, idle)
+		assert.Equal(t, int64(2), sleep)
 	})
 }

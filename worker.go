@@ -202,7 +202,8 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	w.completed.Add(1)
 	w.running.Add(-1)
 	// The slot is reported before the result is delivered, so a caller
-	// who has its result and submits again finds the slot free.
+	// who has its result and submits again finds the slot free; and a
+	// loop woken by the report runs after the caller (see loop).
 	w.b.report(w)
 	r.deliver(res)
 }

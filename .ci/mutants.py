@@ -57,6 +57,9 @@ muts = {
  "a worker does not wake a sleeping loop": ("balancer.go", "\tif b.sleeping.Load() {\n", "\tif false {\n"),
  "loop sleeps without a last look at the stack": ("balancer.go", "\tif b.finished.Load() != nil {\n\t\tb.sleeping.Store(false)\n\t\treturn false", "\tif false {\n\t\tb.sleeping.Store(false)\n\t\treturn false"),
  "one completion taken per push": ("balancer.go", "for n := w.untaken.Swap(0); n > 0; n-- {", "for n := min(w.untaken.Swap(0), 1); n > 0; n-- {"),
+ "loop never parks on hand-offs alone": ("balancer.go", "requests != nil && b.draining == 0 && b.lone >= loneRounds", "requests != nil && b.draining == 0 && false"),
+ "a burst does not bring back sleeping on completions": ("balancer.go", "// a burst\n\t\t\tb.lone = 0\n", "// a burst\n"),
+ "rounds that took nothing count as lone": ("balancer.go", "b.took == 1 && b.lone < loneRounds", "b.took <= 1 && b.lone < loneRounds"),
  "running never decremented": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n", "\tw.completed.Add(1)\n"),
 }
 only = sys.argv[1:]
