@@ -278,22 +278,23 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // through Do with a context that cannot be cancelled, no allocation.
 type Balancer[Req, Res any] struct {
 	depth    int
-	estimate bool                    // WithLoadEstimate, on by default
-	defaults workerOptions           // for AddWorker, from New's options
-	requests chan request[Req, Res]  // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
-	queue    chan request[Req, Res]  // Do's requests, buffered (see Do for how none is stranded)
-	cmds     chan *command[Req, Res] // unbuffered: the loop always receives commands until it exits
-	quit     chan struct{}           // closed once, by the first Close or Shutdown
-	exited   chan struct{}           // closed by the loop as it returns
+	estimate bool                             // WithLoadEstimate, on by default
+	defaults workerOptions                    // for AddWorker, from New's options
+	requests chan request[Req, Res]           // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
+	queue    atomic.Pointer[waiter[Req, Res]] // Do's requests not taken yet: a stack (see enqueue)
+	queued   atomic.Int64                     // requests in the queue, and in line
+	cmds     chan *command[Req, Res]          // unbuffered: the loop always receives commands until it exits
+	quit     chan struct{}                    // closed once, by the first Close or Shutdown
+	exited   chan struct{}                    // closed by the loop as it returns
 	quitOnce sync.Once
 	epoch    time.Time       // New's time: now counts from it
 	abortCtx context.Context // cancelled, with cause ErrClosed, when a Shutdown's ctx ends first
 	abort    context.CancelCauseFunc
 	wg       sync.WaitGroup // the worker goroutines
-	replies  sync.Pool      // chan Result[Req, Res] of capacity 1, for Do
+	waiters  sync.Pool      // *waiter[Req, Res], for Do
 	accepted atomic.Uint64  // written by the loop
 	waiting  atomic.Int64   // callers blocked in submit; each adds and removes itself
-	idle     atomic.Bool    // the loop is parked, or about to park, on requests alone (see Do)
+	idle     atomic.Bool    // the loop is parked, or about to park, with room: a Do that clears it pokes the loop (see Do)
 	holding  atomic.Bool    // the loop is holding requests back and wants a nudge when one more waits
 	nudge    chan struct{}  // capacity 1: wakes a loop that holds back (see holdBack)
 	// finished is a stack of the workers with completions the loop has
@@ -308,12 +309,13 @@ type Balancer[Req, Res any] struct {
 	pool     pool[Req, Res]
 	workers  map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
 	nextID   int
-	closing  bool  // Close or Shutdown began
-	seq      int64 // dispatch sequence number
-	pending  int   // over all workers, as of the completions taken
-	draining int   // removed workers not yet retired
-	took     int   // requests taken in this round: since the loop last woke
-	lone     int   // rounds in a row, up to loneRounds, that took one request each
+	closing  bool              // Close or Shutdown began
+	seq      int64             // dispatch sequence number
+	pending  int               // over all workers, as of the completions taken
+	draining int               // removed workers not yet retired
+	line     *waiter[Req, Res] // taken from the queue, oldest first, not dispatched yet
+	took     int               // requests taken in this round: since the loop last woke
+	lone     int               // rounds in a row, up to loneRounds, that took one request each
 
 	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
@@ -331,19 +333,13 @@ type Balancer[Req, Res any] struct {
 type hooks struct {
 	queue func() // in Do, after its checks, before its request goes into the queue
 	idle  func() // in the loop, before it says it is idle
-	park  func() // in the loop, after its last look at the queue, before it parks on requests
+	park  func() // in the loop, after its last look at the queue, before it parks
 	sleep func() // in the loop, before it prepares to sleep on completions
 }
 
 // minSeq is below every dispatch sequence number: a worker that was never
 // dispatched to sorts before all that were.
 const minSeq = math.MinInt64
-
-// queueBuffer is the capacity of the queue of Do's requests: room for
-// the callers that arrive while the loop is busy, so that each leaves its
-// request and parks once, on its reply, and the loop takes them in
-// batches. When it is full, Do waits in a hand-off like Submit.
-const queueBuffer = 128
 
 // command asks the loop to do something only the owner of the pool can.
 type command[Req, Res any] struct {
@@ -438,7 +434,6 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		estimate: o.estimate,
 		defaults: o.worker,
 		requests: make(chan request[Req, Res]),
-		queue:    make(chan request[Req, Res], queueBuffer),
 		wake:     make(chan struct{}, 1),
 		cmds:     make(chan *command[Req, Res]),
 		quit:     make(chan struct{}),
@@ -453,7 +448,7 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 	}
 	b.epoch = time.Now()
 	b.abortCtx, b.abort = context.WithCancelCause(context.Background())
-	b.replies.New = func() any { return make(chan Result[Req, Res], 1) }
+	b.waiters.New = func() any { return &waiter[Req, Res]{reply: make(chan Result[Req, Res], 1)} }
 	b.roster.Store(&roster[Req, Res]{})
 	for i, wo := range wos {
 		b.addWorker(spec(i).Func, wo)
@@ -474,67 +469,85 @@ func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
 	if err := b.check(ctx); err != nil {
 		return zero, err
 	}
-	reply := b.replies.Get().(chan Result[Req, Res])
-	r := request[Req, Res]{ctx: ctx, req: req, reply: reply, keep: true}
+	w := b.waiters.Get().(*waiter[Req, Res])
+	w.r = request[Req, Res]{ctx: ctx, req: req, reply: w.reply, keep: true}
 	var poke chan request[Req, Res]
 	select {
-	case b.requests <- r: // the loop is parked waiting: hand r over
+	case b.requests <- w.r: // the loop is parked waiting: hand r over
 	default:
-		r.at = b.now() // it waits, so its wait is timed from here (see submit)
+		w.r.at = b.now() // it waits, so its wait is timed from here (see submit)
 		if b.hooks != nil && b.hooks.queue != nil {
 			b.hooks.queue()
 		}
+		b.enqueue(w)
+		b.nudgeHold()
+		// The loop sets idle before it looks at the queue a last time
+		// and parks; this reads idle after r went in. So either the loop
+		// finds r, or this sees idle and pokes the loop with an empty
+		// request. Only the caller that clears idle pokes.
+		if b.idle.Load() && b.idle.CompareAndSwap(true, false) {
+			poke = b.requests
+		}
+		// A request in the queue is not yet accepted, so it must not be
+		// stranded there when the loop ends. The loop refuses the whole
+		// queue when Close begins, and then each round and as it exits.
+		// If quit was still open after r went in, Close began after that,
+		// so the loop will find r. Otherwise r may have come too late:
+		// whoever takes the queue now refuses what is in it, so take it.
 		select {
-		case b.queue <- r:
-			b.nudgeHold()
-			// The loop sets idle before it looks at the queue a last
-			// time and parks on requests alone; this reads idle after
-			// r went in. So either the loop finds r, or this sees idle
-			// and pokes the loop with an empty request.
-			if b.idle.Load() {
-				poke = b.requests
-			}
-		default: // the queue is full: wait in a hand-off
-			if err := b.submit(r); err != nil {
-				b.replies.Put(reply)
-				return zero, err
-			}
+		case <-b.quit:
+			b.refuseQueued()
+		default:
 		}
 	}
-	// A request in the queue is not yet accepted, so it must not be
-	// stranded there when the loop ends. The loop refuses every request
-	// it finds in the queue once Close began, and empties the queue as it
-	// exits. If quit was still open after r went into the queue, Close
-	// began after that, so the loop will find r. Otherwise r may have come
-	// too late: wait for the loop to exit, then empty the queue here.
-	var exited chan struct{}
-	select {
-	case <-b.quit:
-		exited = b.exited
-	default:
-	}
 	done := ctx.Done()
-	if done == nil && exited == nil && poke == nil { // nothing else can end the wait: a plain receive skips the select
-		res := <-reply
-		b.replies.Put(reply)
+	if done == nil && poke == nil { // nothing else can end the wait: a plain receive skips the select
+		res := <-w.reply
+		b.release(w)
 		return res.Value, res.Err
 	}
 	for {
 		select {
 		case poke <- request[Req, Res]{}:
 			poke = nil
-		case res := <-reply:
-			b.replies.Put(reply)
-			return res.Value, res.Err
-		case <-exited:
-			b.refuseQueued()
-			res := <-reply // r had its outcome, or was in the queue just emptied
-			b.replies.Put(reply)
+		case res := <-w.reply:
+			b.release(w)
 			return res.Value, res.Err
 		case <-done:
-			// The outcome still lands in the buffer; the channel is left
-			// to the garbage collector instead of going back to the pool.
+			// The loop may still hold w, and the outcome will land in
+			// its buffer: w is left to the garbage collector instead of
+			// going back to the pool.
 			return zero, ctx.Err()
+		}
+	}
+}
+
+// waiter is a Do call's request, its reply channel and its link in the
+// queue. Do calls reuse them through a sync.Pool.
+type waiter[Req, Res any] struct {
+	r     request[Req, Res]
+	reply chan Result[Req, Res] // capacity 1
+	next  *waiter[Req, Res]
+}
+
+// release returns w to the pool once its outcome is received: nobody
+// refers to it any more.
+func (b *Balancer[Req, Res]) release(w *waiter[Req, Res]) {
+	w.r = request[Req, Res]{} // keep no ctx or request alive
+	b.waiters.Put(w)
+}
+
+// enqueue puts w on the queue: a stack that Do calls push on and that the
+// loop, or a late Do, takes whole (see nextQueued and refuseQueued).
+// Taking it whole, never one at a time, is what makes a plain
+// compare-and-swap safe here.
+func (b *Balancer[Req, Res]) enqueue(w *waiter[Req, Res]) {
+	b.queued.Add(1)
+	for {
+		top := b.queue.Load()
+		w.next = top
+		if b.queue.CompareAndSwap(top, w) {
+			return
 		}
 	}
 }
@@ -554,17 +567,15 @@ func (b *Balancer[Req, Res]) nudgeHold() {
 }
 
 // refuseQueued gives every request in the queue the outcome ErrClosed. The
-// loop calls it as it exits; a Do whose request may have come after that
-// calls it once the loop has exited. Each request is received once, so it
-// gets one outcome either way.
+// loop calls it when Close begins, in each round after that and as it
+// exits; a Do whose request went into the queue after Close began calls
+// it too. Each takes the queue whole, so each request gets one outcome.
 func (b *Balancer[Req, Res]) refuseQueued() {
-	for {
-		select {
-		case r := <-b.queue:
-			r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
-		default:
-			return
-		}
+	for w := b.queue.Swap(nil); w != nil; {
+		next, r := w.next, w.r // once r has its outcome, w may be reused
+		b.queued.Add(-1)
+		r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
+		w = next
 	}
 }
 
@@ -876,13 +887,14 @@ func noop() {}
 // loop is the select loop. It owns the pool and runs until Close or
 // Shutdown has begun and nothing is pending, blocking only in its select.
 //
-// Requests come on two channels: Do's through the buffered queue, which
-// the loop empties in batches, and Submit's, All's and commands through
-// the unbuffered requests. While it cannot take requests (every worker is
-// full, or it holds back) it leaves both alone, so Do's requests wait in
-// the queue and the other callers in their hand-offs. Once Close began it
-// refuses what it finds in the queue, so that Do returns ErrClosed
-// promptly, and empties the queue as it exits.
+// Requests come two ways: Do's through the queue, a stack that callers
+// push on and the loop takes whole, in batches (see enqueue and
+// nextQueued), and Submit's, All's and commands through the unbuffered
+// requests channel. While it cannot take requests (every worker is full,
+// or it holds back) it leaves both alone, so Do's requests wait in the
+// queue and the other callers in their hand-offs. When Close begins it
+// refuses what is in the queue and in line, so that Do returns ErrClosed
+// promptly, and again in each round after that and as it exits.
 //
 // Completions need not wake it: workers push them on a stack that costs
 // them no wait and the loop no wake-up (see report), and the loop takes
@@ -903,14 +915,7 @@ func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	ready := b.ready()
 	for !b.closing || b.pending > 0 {
-		var requests, queue chan request[Req, Res]
-		if ready || b.closing {
-			queue = b.queue
-		}
-		if ready {
-			requests = b.requests
-		}
-		if requests != nil && b.draining == 0 && b.lone >= loneRounds {
+		if ready && b.draining == 0 && b.lone >= loneRounds {
 			// Commands come through requests too (see command), and a
 			// Do whose request may go unseen pokes there (see Do), so
 			// a plain receive, much cheaper than a select, is enough.
@@ -918,27 +923,31 @@ func (b *Balancer[Req, Res]) loop() {
 				b.hooks.idle()
 			}
 			b.idle.Store(true)
-			select {
-			case r := <-queue:
+			if w := b.nextQueued(); w != nil { // the last look
 				b.idle.Store(false)
-				b.takeQueued(r)
-			default:
+				b.takeQueued(w)
+			} else {
 				if b.hooks != nil && b.hooks.park != nil {
 					b.hooks.park()
 				}
-				r := <-requests
+				r := <-b.requests
 				b.idle.Store(false)
 				b.take(r)
 			}
-		} else if b.sleep() {
+		} else if b.sleep(ready) {
+			var requests chan request[Req, Res]
+			if ready {
+				requests = b.requests
+			}
 			var nudge chan struct{}
 			var expired <-chan time.Time
 			if b.held {
 				nudge, expired = b.nudge, b.timer.C
 			}
+			if b.hooks != nil && b.hooks.park != nil {
+				b.hooks.park()
+			}
 			select {
-			case r := <-queue:
-				b.takeQueued(r)
 			case r := <-requests:
 				b.take(r)
 			case <-b.wake: // a completion: drain takes it
@@ -951,8 +960,12 @@ func (b *Balancer[Req, Res]) loop() {
 				b.expired = true
 			}
 			b.sleeping.Store(false)
+			b.idle.Store(false)
 		}
 		ready = b.drain()
+		if b.closing { // Close began in the wait, or in drain
+			b.refuseWaiting()
+		}
 		if b.took > 1 { // a burst
 			b.lone = 0
 		} else if b.took == 1 && b.lone < loneRounds {
@@ -960,7 +973,7 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.took = 0
 	}
-	b.refuseQueued()
+	b.refuseWaiting()
 	for _, s := range b.pool.slots {
 		close(s.w.reqs)
 	}
@@ -978,9 +991,10 @@ const loneRounds = 8
 const drainBatch = 128
 
 // drain dispatches requests that are already waiting, while there is room,
-// with single-channel polls that cost much less than the select, and
-// returns whether the loop may take more (see ready). It looks at the
-// hand-offs first: they are fewer, and a full queue sends Do there.
+// with a single-channel poll and a look at the queue that cost much less
+// than the select, and returns whether the loop may take more (see
+// ready). It looks at the hand-offs first, so that a stream of Do calls
+// cannot starve Submit.
 func (b *Balancer[Req, Res]) drain() bool {
 	for range drainBatch {
 		b.takeCompletions()
@@ -993,21 +1007,51 @@ func (b *Balancer[Req, Res]) drain() bool {
 			continue
 		default:
 		}
-		select {
-		case r := <-b.queue:
-			b.takeQueued(r)
-		default:
+		w := b.nextQueued()
+		if w == nil {
 			return true
 		}
+		b.takeQueued(w)
 	}
 	b.takeCompletions()
 	return b.ready()
 }
 
-// takeQueued dispatches a request from the queue, unless Close began
-// (ErrClosed) or its caller is gone (Do returned ctx.Err()). Neither counts
-// as accepted.
-func (b *Balancer[Req, Res]) takeQueued(r request[Req, Res]) {
+// nextQueued returns the oldest request in line, or nil if there is none.
+// When the line is empty, it takes the queue whole into it, oldest first.
+func (b *Balancer[Req, Res]) nextQueued() *waiter[Req, Res] {
+	if b.line == nil {
+		if b.queue.Load() == nil {
+			return nil
+		}
+		for w := b.queue.Swap(nil); w != nil; {
+			next := w.next
+			w.next = b.line
+			b.line = w
+			w = next
+		}
+	}
+	w := b.line
+	b.line = w.next
+	return w
+}
+
+// refuseWaiting is the loop's refuseQueued: it also refuses the requests
+// in line.
+func (b *Balancer[Req, Res]) refuseWaiting() {
+	for w := b.line; w != nil; w = b.line {
+		b.line = w.next
+		b.takeQueued(w) // closing: it refuses
+	}
+	b.refuseQueued()
+}
+
+// takeQueued dispatches w's request, taken from the queue, unless Close
+// began (ErrClosed) or its caller is gone (Do returned ctx.Err()). Neither
+// counts as accepted.
+func (b *Balancer[Req, Res]) takeQueued(w *waiter[Req, Res]) {
+	r := w.r // once r has its outcome, w may be reused
+	b.queued.Add(-1)
 	switch {
 	case b.closing:
 		r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
@@ -1031,18 +1075,23 @@ func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
 	}
 }
 
-// sleep prepares the loop to sleep on completions, and reports whether
-// it may: not if a completion came in the meantime. The loop sets
-// sleeping before it looks at the stack a last time, and a worker reads
-// sleeping after it pushed, so either the loop sees the push or it gets
-// a wake.
-func (b *Balancer[Req, Res]) sleep() bool {
+// sleep prepares the loop to sleep on completions, and on requests too if
+// ready, and reports whether it may: not if a completion came in the
+// meantime, or, if ready, a request is queued. The loop sets sleeping
+// (and idle) before it looks at the stack (and the queue) a last time,
+// and a worker (or Do) reads them after it pushed, so either the loop sees
+// the push or it gets a wake (or a poke).
+func (b *Balancer[Req, Res]) sleep(ready bool) bool {
 	if b.hooks != nil && b.hooks.sleep != nil {
 		b.hooks.sleep()
 	}
+	if ready {
+		b.idle.Store(true)
+	}
 	b.sleeping.Store(true)
-	if b.finished.Load() != nil {
+	if b.finished.Load() != nil || ready && (b.line != nil || b.queue.Load() != nil) {
 		b.sleeping.Store(false)
+		b.idle.Store(false)
 		return false
 	}
 	return true

@@ -2486,50 +2486,45 @@ func TestDocsAreExamples(t *testing.T) {
 // A Func is stuck while Close waits and 64 callers wait in Do: every
 // caller gets ErrClosed exactly once (none of them was accepted), Close
 // returns once the Func does, and the stuck request gets its own result.
-// With more callers than Do's queue holds, the rest wait in hand-offs and
-// are refused the same way.
 func TestTrapStuckFuncWhileCloseWaits(t *testing.T) {
-	for _, callers := range []int{64, queueBuffer + 8} {
-		t.Run(fmt.Sprint(callers, " callers"), func(t *testing.T) {
-			synctest.Test(t, func(t *testing.T) {
-				release := make(chan struct{})
-				var ran atomic.Int64
-				b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-					ran.Add(1)
-					if i == 0 {
-						<-release
-					}
-					return i, nil
-				})
-				stuck, err := b.Submit(context.Background(), 0)
-				require.NoError(t, err)
-				errs := make(chan error, callers)
-				for i := range callers {
-					go func() {
-						_, err := b.Do(context.Background(), 1+i)
-						errs <- err
-					}()
-				}
-				synctest.Wait()
-				require.Equal(t, callers, b.Stats().Waiting)
-				require.Equal(t, min(callers, queueBuffer), len(b.queue))
-				closed := make(chan error, 1)
-				go func() { closed <- b.Close() }()
-				synctest.Wait()
-				for range callers {
-					assert.ErrorIs(t, <-errs, ErrClosed)
-				}
-				assert.Empty(t, closed, "Close waits for the stuck Func")
-				close(release)
-				assert.NoError(t, <-closed)
-				assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0}, <-stuck)
-				assert.Equal(t, int64(1), ran.Load(), "only the accepted request ran")
-				s := b.Stats()
-				assert.Equal(t, uint64(1), s.Accepted)
-				assert.Equal(t, uint64(1), s.Completed)
-			})
+	const callers = 64
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var ran atomic.Int64
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			ran.Add(1)
+			if i == 0 {
+				<-release
+			}
+			return i, nil
 		})
-	}
+		stuck, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		errs := make(chan error, callers)
+		for i := range callers {
+			go func() {
+				_, err := b.Do(context.Background(), 1+i)
+				errs <- err
+			}()
+		}
+		synctest.Wait()
+		require.Equal(t, callers, b.Stats().Waiting)
+		require.Equal(t, int64(callers), b.queued.Load())
+		closed := make(chan error, 1)
+		go func() { closed <- b.Close() }()
+		synctest.Wait()
+		for range callers {
+			assert.ErrorIs(t, <-errs, ErrClosed)
+		}
+		assert.Empty(t, closed, "Close waits for the stuck Func")
+		close(release)
+		assert.NoError(t, <-closed)
+		assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0}, <-stuck)
+		assert.Equal(t, int64(1), ran.Load(), "only the accepted request ran")
+		s := b.Stats()
+		assert.Equal(t, uint64(1), s.Accepted)
+		assert.Equal(t, uint64(1), s.Completed)
+	})
 }
 
 // A Do whose ctx ends while its request is queued at a worker returns at
@@ -2778,24 +2773,30 @@ func TestDoQueuedAfterTheLoopExited(t *testing.T) {
 		_, err = b.Do(context.Background(), 1)
 		assert.ErrorIs(t, err, ErrClosed)
 		assert.Equal(t, 0, (<-running).Value)
-		assert.Empty(t, b.queue)
+		assert.Zero(t, b.queued.Load())
+		assert.Nil(t, b.queue.Load())
 		s := b.Stats()
 		assert.Equal(t, uint64(1), s.Accepted, "the late request was not accepted")
 		assert.Equal(t, uint64(1), s.Completed)
 	})
 }
 
-// A Do that queues its request while the loop goes idle is served:
-// just before the loop says it is idle, Do does not poke it, and the
-// loop's last look at the queue finds the request; just after that look,
-// before the loop parks on hand-offs, Do sees it idle and pokes it.
+// A Do that queues its request while the loop goes idle is served,
+// whether the loop parks on hand-offs alone (after lone requests) or also
+// sleeps on completions (in a burst): just before the loop says it is
+// idle, Do does not poke it, and the loop's last look at the queue finds
+// the request; just after that look, before the loop parks, Do sees it
+// idle and pokes it.
 func TestDoQueuesWhileTheLoopGoesIdle(t *testing.T) {
 	for _, tt := range []struct {
 		name string
+		lone bool
 		at   func(func()) *withHooks
 	}{
-		{"before the loop says it is idle", func(h func()) *withHooks { return &withHooks{idle: h} }},
-		{"after its last look, before it parks", func(h func()) *withHooks { return &withHooks{park: h} }},
+		{"lone, before the loop says it is idle", true, func(h func()) *withHooks { return &withHooks{idle: h} }},
+		{"lone, after its last look, before it parks", true, func(h func()) *withHooks { return &withHooks{park: h} }},
+		{"burst, before the loop says it is idle", false, func(h func()) *withHooks { return &withHooks{sleep: h} }},
+		{"burst, after its last look, before it parks", false, func(h func()) *withHooks { return &withHooks{park: h} }},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
@@ -2808,10 +2809,13 @@ func TestDoQueuesWhileTheLoopGoesIdle(t *testing.T) {
 					}
 				}))
 				defer b.Close()
-				doLone(t, b)    // so that the loop parks on hand-offs alone
+				if tt.lone {
+					doLone(t, b) // so that the loop parks on hand-offs alone
+				}
 				synctest.Wait() // the loop is parked, before the hook is armed
+				require.Equal(t, tt.lone, b.lone >= loneRounds)
 				armed.Store(true)
-				_, err := b.TrySubmit(context.Background(), 1) // a command wakes the loop; it comes back to park
+				_, err := b.AddWorker(square) // a command wakes the loop; it comes back to park
 				require.NoError(t, err)
 				<-inHook
 				got := make(chan int, 1)
@@ -2821,7 +2825,7 @@ func TestDoQueuesWhileTheLoopGoesIdle(t *testing.T) {
 					got <- v
 				}()
 				synctest.Wait()
-				require.Equal(t, 1, len(b.queue), "Do queued its request")
+				require.Equal(t, 1, int(b.queued.Load()), "Do queued its request")
 				close(proceed)
 				assert.Equal(t, 25, <-got)
 			})
@@ -2846,7 +2850,7 @@ func TestDoCancelledInTheQueue(t *testing.T) {
 		_, err = b.Do(ctx, 1)
 		assert.ErrorIs(t, err, context.DeadlineExceeded)
 		assert.Equal(t, time.Second, time.Since(start))
-		assert.Equal(t, 1, len(b.queue), "the request waits in the queue")
+		assert.Equal(t, 1, int(b.queued.Load()), "the request waits in the queue")
 		close(release)
 		<-running
 		v, err := b.Do(context.Background(), 2) // the loop takes the dropped request on its way
@@ -2874,7 +2878,7 @@ func TestQueueRefusedAtCloseWithNoWorkers(t *testing.T) {
 			}()
 		}
 		synctest.Wait()
-		require.Equal(t, 3, len(b.queue))
+		require.Equal(t, 3, int(b.queued.Load()))
 		require.NoError(t, b.Close())
 		for range 3 {
 			assert.ErrorIs(t, <-errs, ErrClosed)
@@ -2980,7 +2984,7 @@ func TestLoopSleepsOnCompletionsInBursts(t *testing.T) {
 		go do(5)
 		go do(6)
 		synctest.Wait()
-		require.Equal(t, 2, len(b.queue))
+		require.Equal(t, 2, int(b.queued.Load()))
 		close(hold) // the loop takes both in one round
 		_, sleep = parks()
 		assert.Positive(t, sleep, "a burst: the loop sleeps on completions again")
@@ -2988,5 +2992,38 @@ func TestLoopSleepsOnCompletionsInBursts(t *testing.T) {
 		idle, sleep = parks()
 		assert.Zero(t, idle)
 		assert.Equal(t, int64(2), sleep)
+	})
+}
+
+// Do calls that queue while every worker is full are served oldest
+// first: the loop takes the queue, a stack, whole and reverses it.
+func TestQueuedDoServedOldestFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		var order []int // written by the one worker, read after it is done
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			order = append(order, i)
+			if i == 0 {
+				<-release
+			}
+			return i, nil
+		})
+		defer b.Close()
+		first, err := b.Submit(context.Background(), 0)
+		require.NoError(t, err)
+		synctest.Wait()
+		var wg sync.WaitGroup
+		for i := 1; i <= 5; i++ {
+			wg.Go(func() {
+				_, err := b.Do(context.Background(), i)
+				assert.NoError(t, err)
+			})
+			synctest.Wait() // i is queued before i+1
+		}
+		require.Equal(t, int64(5), b.queued.Load())
+		close(release)
+		<-first
+		wg.Wait()
+		assert.Equal(t, []int{0, 1, 2, 3, 4, 5}, order)
 	})
 }

@@ -355,7 +355,7 @@ func (b *Balancer[Req, Res]) holdBack() bool {
 	hold, waiting := false, int64(0)
 	if b.busy > 0 && !b.expired && b.pool.slots[0].cost >= holdFloor {
 		b.holding.Store(true) // before reading waiting: see submit
-		waiting = b.waiting.Load() + int64(len(b.queue))
+		waiting = b.waiting.Load() + b.queued.Load()
 		k := max(waiting, 1)
 		hold = b.pool.slots[0].cost*b.busyRate > holdMargin*float64(k+int64(b.busyHeld))
 	}

@@ -319,7 +319,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	// Read after the completions it must not be less than: a request is
 	// accepted before it can complete.
 	s.Accepted = b.accepted.Load()
-	s.Waiting = int(b.waiting.Load()) + len(b.queue)
+	s.Waiting = int(b.waiting.Load() + b.queued.Load())
 	return s
 }
 
