@@ -490,10 +490,10 @@ func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
 		}
 		// A request in the queue is not yet accepted, so it must not be
 		// stranded there when the loop ends. The loop refuses the whole
-		// queue when Close begins, and then each round and as it exits.
-		// If quit was still open after r went in, Close began after that,
-		// so the loop will find r. Otherwise r may have come too late:
-		// whoever takes the queue now refuses what is in it, so take it.
+		// queue when Close begins, after Close closed quit. If quit was
+		// still open after r went in, the loop will find r. Otherwise r
+		// may have come too late: whoever takes the queue now refuses
+		// what is in it, so take it.
 		select {
 		case <-b.quit:
 			b.refuseQueued()
@@ -567,9 +567,9 @@ func (b *Balancer[Req, Res]) nudgeHold() {
 }
 
 // refuseQueued gives every request in the queue the outcome ErrClosed. The
-// loop calls it when Close begins, in each round after that and as it
-// exits; a Do whose request went into the queue after Close began calls
-// it too. Each takes the queue whole, so each request gets one outcome.
+// loop calls it when Close begins, and so does a Do whose request went
+// into the queue after Close began. Each takes the queue whole, so each
+// request gets one outcome.
 func (b *Balancer[Req, Res]) refuseQueued() {
 	for w := b.queue.Swap(nil); w != nil; {
 		next, r := w.next, w.r // once r has its outcome, w may be reused
@@ -894,7 +894,7 @@ func noop() {}
 // or it holds back) it leaves both alone, so Do's requests wait in the
 // queue and the other callers in their hand-offs. When Close begins it
 // refuses what is in the queue and in line, so that Do returns ErrClosed
-// promptly, and again in each round after that and as it exits.
+// promptly (see refuseWaiting).
 //
 // Completions need not wake it: workers push them on a stack that costs
 // them no wait and the loop no wake-up (see report), and the loop takes
@@ -963,9 +963,6 @@ func (b *Balancer[Req, Res]) loop() {
 			b.idle.Store(false)
 		}
 		ready = b.drain()
-		if b.closing { // Close began in the wait, or in drain
-			b.refuseWaiting()
-		}
 		if b.took > 1 { // a burst
 			b.lone = 0
 		} else if b.took == 1 && b.lone < loneRounds {
@@ -973,7 +970,6 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.took = 0
 	}
-	b.refuseWaiting()
 	for _, s := range b.pool.slots {
 		close(s.w.reqs)
 	}
@@ -1036,8 +1032,12 @@ func (b *Balancer[Req, Res]) nextQueued() *waiter[Req, Res] {
 	return w
 }
 
-// refuseWaiting is the loop's refuseQueued: it also refuses the requests
-// in line.
+// refuseWaiting is the loop's refuseQueued, when Close begins: it also
+// refuses the requests in line. Once is enough. Every request queued
+// before Close closed quit is in the queue or in line by now, and a Do
+// that queues after that sees quit closed and refuses the queue itself.
+// The loop takes nothing from the queue while closing, so nothing goes
+// into line again.
 func (b *Balancer[Req, Res]) refuseWaiting() {
 	for w := b.line; w != nil; w = b.line {
 		b.line = w.next
@@ -1189,6 +1189,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	switch {
 	case c.op == opQuit:
 		b.closing = true
+		b.refuseWaiting()
 		return commandReply{}
 	case c.op == opAbort:
 		b.dropQueued()

@@ -3027,3 +3027,46 @@ func TestQueuedDoServedOldestFirst(t *testing.T) {
 		assert.Equal(t, []int{0, 1, 2, 3, 4, 5}, order)
 	})
 }
+
+// Requests the loop took from the queue but could not dispatch yet, its
+// line, are refused when Close begins, as those still in the queue are.
+func TestLineRefusedAtClose(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var ran atomic.Int64
+		release, hold := make(chan struct{}), make(chan struct{})
+		var holding atomic.Bool
+		b := mustNew(t, 1, gated(&ran, release), &withHooks{sleep: func() {
+			if holding.CompareAndSwap(true, false) {
+				<-hold // meanwhile three Do calls queue
+			}
+		}})
+		synctest.Wait()
+		holding.Store(true)
+		require.ErrorIs(t, b.RemoveWorker(context.Background(), 9), ErrUnknownWorker) // a command wakes the loop; it comes back to sleep
+		results := make([]chan error, 3)
+		for i := range results {
+			results[i] = make(chan error, 1)
+			go func() {
+				_, err := b.Do(context.Background(), i)
+				results[i] <- err
+			}()
+			synctest.Wait() // i is queued before i+1
+		}
+		require.Equal(t, int64(3), b.queued.Load())
+		close(hold) // the loop takes all three, dispatches the oldest, and keeps two in line
+		synctest.Wait()
+		require.Equal(t, int64(2), b.queued.Load())
+		require.NotNil(t, b.line)
+		closed := make(chan error, 1)
+		go func() { closed <- b.Close() }()
+		synctest.Wait()
+		assert.ErrorIs(t, <-results[1], ErrClosed)
+		assert.ErrorIs(t, <-results[2], ErrClosed)
+		assert.Empty(t, closed, "Close waits for the running request")
+		close(release)
+		assert.NoError(t, <-results[0])
+		assert.NoError(t, <-closed)
+		assert.Equal(t, int64(1), ran.Load())
+		assert.Equal(t, uint64(1), b.Stats().Accepted)
+	})
+}
