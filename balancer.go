@@ -314,7 +314,7 @@ type Balancer[Req, Res any] struct {
 	pending  int               // over all workers, as of the completions taken
 	draining int               // removed workers not yet retired
 	line     *waiter[Req, Res] // taken from the queue, oldest first, not dispatched yet
-	took     int               // requests taken in this round: since the loop last woke
+	took     int               // requests dispatched in this round: since the loop last woke
 	lone     int               // rounds in a row, up to loneRounds, that took one request each
 
 	// Holding back, with the load estimate only (see holdBack); owned by
@@ -977,8 +977,8 @@ func (b *Balancer[Req, Res]) loop() {
 
 // loneRounds is how many rounds in a row must each take one request
 // before the loop, while a worker has room, stops sleeping on completions
-// (see loop). Rounds that took none, woken by a completion or a command,
-// do not count either way. More than one lets a burst survive a round
+// (see loop). Rounds that dispatched none, woken by a completion or a
+// command, do not count either way; TrySubmit's dispatch counts. More than one lets a burst survive a round
 // that found a single caller queued.
 const loneRounds = 8
 
@@ -1070,7 +1070,6 @@ func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
 	case r.cmd != nil:
 		r.cmd.reply <- b.apply(r.cmd)
 	case r.ctx != nil:
-		b.took++
 		b.dispatch(r)
 	}
 }
@@ -1150,6 +1149,7 @@ func (b *Balancer[Req, Res]) hasRoom() bool {
 
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
+	b.took++
 	w := b.pool.root()
 	w.pending++
 	w.silent++

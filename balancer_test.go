@@ -2961,9 +2961,18 @@ func TestLoopSleepsOnCompletionsInBursts(t *testing.T) {
 			assert.NoError(t, err)
 			assert.Equal(t, i*i, v)
 		}
+		try := func(i int) { // a command that dispatches counts as a request
+			c, err := b.TrySubmit(context.Background(), i)
+			require.NoError(t, err)
+			assert.Equal(t, i*i, (<-c).Value)
+		}
 		parks()
 		for i := range loneRounds {
-			do(i)
+			if i%2 == 0 {
+				do(i)
+			} else {
+				try(i)
+			}
 			idle, sleep := parks()
 			if i < loneRounds-1 {
 				assert.Zero(t, idle, "round %d", i)

@@ -63,6 +63,7 @@ muts = {
  "the line is taken newest first": ("balancer.go", "\t\t\tw.next = b.line\n\t\t\tb.line = w\n", "\t\t\tw.next = nil\n\t\t\tif b.line == nil {\n\t\t\t\tb.line = w\n\t\t\t} else {\n\t\t\t\tlast := b.line\n\t\t\t\tfor last.next != nil {\n\t\t\t\t\tlast = last.next\n\t\t\t\t}\n\t\t\t\tlast.next = w\n\t\t\t}\n"),
  "a cancelled Do reuses a waiter the loop holds": ("balancer.go", "\t\t\t// going back to the pool.\n\t\t\treturn zero, ctx.Err()", "\t\t\t// going back to the pool.\n\t\t\tb.release(w)\n\t\t\treturn zero, ctx.Err()"),
  "the loop takes the queue without counting it out": ("balancer.go", "\tr := w.r // once r has its outcome, w may be reused\n\tb.queued.Add(-1)\n", "\tr := w.r // once r has its outcome, w may be reused\n"),
+ "TrySubmit's dispatch is not counted in the round": ("balancer.go", "\t\t\tb.dispatch(c.req)\n", "\t\t\tb.dispatch(c.req)\n\t\t\tb.took--\n"),
  "running never decremented": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n", "\tw.completed.Add(1)\n"),
 }
 only = sys.argv[1:]
