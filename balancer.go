@@ -316,7 +316,7 @@ type Balancer[Req, Res any] struct {
 	draining int               // removed workers not yet retired
 	line     *waiter[Req, Res] // taken from the queue, oldest first, not dispatched yet
 	took     int               // requests dispatched in this round: since the loop last woke
-	lone     int               // rounds in a row, up to loneRounds, that took one request each
+	lone     int               // rounds in a row, up to loneRounds, that dispatched one request each
 
 	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
@@ -905,13 +905,13 @@ func noop() {}
 // worker drains.
 //
 // While a worker has room, how it waits depends on how requests come.
-// One at a time (loneRounds rounds in a row that each took one request),
+// One at a time (loneRounds rounds in a row that each dispatched one),
 // it parks on hand-offs alone, the cheapest wait there is. In bursts, it
 // also sleeps on completions. A worker then wakes it before it answers
 // its caller, and the runtime runs the caller first: the callers that were
 // answered queue their next requests behind the loop, and the loop takes
 // them in one round, so that a request costs fewer than three parks. A
-// round that takes two requests or more counts as a burst.
+// round that dispatches two requests or more counts as a burst.
 func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	ready := b.ready()
@@ -976,11 +976,12 @@ func (b *Balancer[Req, Res]) loop() {
 	}
 }
 
-// loneRounds is how many rounds in a row must each take one request
+// loneRounds is how many rounds in a row must each dispatch one request
 // before the loop, while a worker has room, stops sleeping on completions
 // (see loop). Rounds that dispatched none, woken by a completion or a
-// command, do not count either way; TrySubmit's dispatch counts. More than one lets a burst survive a round
-// that found a single caller queued.
+// command, do not count either way; TrySubmit's dispatch counts. More
+// than one lets a burst survive a round that found a single caller
+// queued.
 const loneRounds = 8
 
 // drainBatch bounds the requests drain takes between two selects, so that a
