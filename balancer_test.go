@@ -2755,7 +2755,7 @@ func TestFinishedRequestsAreNotRetained(t *testing.T) {
 // the queue only after the loop has exited gets ErrClosed, not a hang.
 func TestDoQueuedAfterTheLoopExited(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		release := make(chan struct{})
+		release, closing := make(chan struct{}), make(chan struct{})
 		var b *Balancer[int, int]
 		late := true
 		b = mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
@@ -2764,12 +2764,17 @@ func TestDoQueuedAfterTheLoopExited(t *testing.T) {
 		}, &withHooks{queue: func() {
 			if late {
 				late = false
+				close(closing)
 				require.NoError(t, b.Close()) // the loop exits before the request goes in
 			}
 		}})
 		running, err := b.Submit(context.Background(), 0)
 		require.NoError(t, err)
-		close(release) // the Close in the hook waits for request 0
+		synctest.Wait() // the loop sleeps, its worker full: Do cannot hand its request over
+		go func() {
+			<-closing
+			close(release) // the Close in the hook waits for request 0
+		}()
 		_, err = b.Do(context.Background(), 1)
 		assert.ErrorIs(t, err, ErrClosed)
 		assert.Equal(t, 0, (<-running).Value)
@@ -2921,10 +2926,14 @@ func TestCompletionJustBeforeTheLoopSleeps(t *testing.T) {
 }
 
 // doLone makes loneRounds requests one at a time, which makes the loop
-// stop sleeping on completions while a worker has room (see loop).
+// stop sleeping on completions while a worker has room (see loop). Each
+// waits until the loop is parked again: with two Ps, a request made while
+// the loop still drains would join the previous one's round, a burst.
+// Call it inside synctest.Test.
 func doLone(t *testing.T, b *Balancer[int, int]) {
 	t.Helper()
 	for i := range loneRounds {
+		synctest.Wait()
 		v, err := b.Do(context.Background(), i)
 		require.NoError(t, err)
 		require.Equal(t, i*i, v)
@@ -2976,7 +2985,9 @@ func TestLoopSleepsOnCompletionsInBursts(t *testing.T) {
 			idle, sleep := parks()
 			if i < loneRounds-1 {
 				assert.Zero(t, idle, "round %d", i)
-				assert.Equal(t, int64(2), sleep, "round %d: after the request, and after its completion", i)
+				// After the request, and after its completion unless
+				// the loop took it before it slept.
+				assert.Positive(t, sleep, "round %d", i)
 			} else {
 				assert.Equal(t, int64(1), idle, "round %d", i)
 				assert.Zero(t, sleep, "round %d", i)
@@ -3000,7 +3011,7 @@ func TestLoopSleepsOnCompletionsInBursts(t *testing.T) {
 		do(7)
 		idle, sleep = parks()
 		assert.Zero(t, idle)
-		assert.Equal(t, int64(2), sleep)
+		assert.Positive(t, sleep)
 	})
 }
 
@@ -3042,16 +3053,18 @@ func TestQueuedDoServedOldestFirst(t *testing.T) {
 func TestLineRefusedAtClose(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var ran atomic.Int64
-		release, hold := make(chan struct{}), make(chan struct{})
+		release, inHook, hold := make(chan struct{}), make(chan struct{}), make(chan struct{})
 		var holding atomic.Bool
 		b := mustNew(t, 1, gated(&ran, release), &withHooks{sleep: func() {
 			if holding.CompareAndSwap(true, false) {
+				close(inHook)
 				<-hold // meanwhile three Do calls queue
 			}
 		}})
 		synctest.Wait()
 		holding.Store(true)
 		require.ErrorIs(t, b.RemoveWorker(context.Background(), 9), ErrUnknownWorker) // a command wakes the loop; it comes back to sleep
+		<-inHook
 		results := make([]chan error, 3)
 		for i := range results {
 			results[i] = make(chan error, 1)
