@@ -336,6 +336,12 @@ type hooks struct {
 	idle  func() // in the loop, before it says it is idle
 	park  func() // in the loop, after its last look at the queue, before it parks
 	sleep func() // in the loop, before it prepares to sleep on completions
+	// report is called by a slot as it reports a finished request, after
+	// its counters and before its outcome (see finish).
+	report func()
+	// send is called by the loop as it hands a request to its worker,
+	// after counting it as accepted (see dispatch).
+	send func()
 }
 
 // minSeq is below every dispatch sequence number: a worker that was never
@@ -1117,6 +1123,9 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 // finished stack, later ones only count, and the loop is woken only if it
 // sleeps. w's slots call it concurrently.
 func (b *Balancer[Req, Res]) report(w *worker[Req, Res]) {
+	if b.hooks != nil && b.hooks.report != nil {
+		b.hooks.report()
+	}
 	if w.untaken.Add(1) > 1 {
 		return // w is on the stack, or the loop is taking it and will read the count after
 	}
@@ -1169,6 +1178,9 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	// before it was accepted.
 	w.assigned.Add(1)
 	b.accepted.Add(1)
+	if b.hooks != nil && b.hooks.send != nil {
+		b.hooks.send()
+	}
 	w.reqs <- r // cannot block: pending was below limit = cap(w.reqs)
 }
 

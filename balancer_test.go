@@ -1178,35 +1178,276 @@ func TestBadInput(t *testing.T) {
 	assert.Equal(t, 25, v)
 }
 
-// Stats reports how long requests waited for a slot, from the call to the
-// start: one worker serving in 10 ms and three callers at once wait 0, 10
-// and 20 ms.
+
+// Stats times every request's wait for a slot, whichever call made it and
+// wherever it waited: in front of the balancer (depth 1, so that callers
+// wait in Do, Submit or All until the one worker frees its slot) or in the
+// worker's queue (depth 3, so that the loop queues them there). Three
+// requests of 10 ms each start at 0, 10 and 20 ms: they wait 0, 10 and
+// 20 ms.
 func TestStatsReportWaits(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			time.Sleep(10 * time.Millisecond)
-			return i, nil
-		})
-		defer b.Close()
-		var wg sync.WaitGroup
-		for i := range 3 {
-			wg.Go(func() {
-				_, err := b.Do(context.Background(), i)
-				assert.NoError(t, err)
-			})
+	const calls = 3
+	do := func(b *Balancer[int, int]) error {
+		_, err := b.Do(context.Background(), 0)
+		return err
+	}
+	submit := func(b *Balancer[int, int]) error {
+		c, err := b.Submit(context.Background(), 0)
+		if err == nil {
+			err = (<-c).Err
 		}
-		wg.Wait()
-		s := b.Stats()
-		// The first wait, 0, counts as 1 ns; then 1/16 of the way to
-		// 10 ms, and 1/16 of the way from there to 20 ms.
-		const mean = 625000 + (20_000_000-625000)/16
-		assert.Equal(t, time.Duration(mean), s.MeanWait)
-		assert.Equal(t, 30*time.Millisecond, s.TotalWait)
-		assert.Equal(t, time.Duration(mean), s.Workers[0].MeanWait)
-		assert.Equal(t, 30*time.Millisecond, s.Workers[0].TotalWait)
-		require.NoError(t, b.RemoveWorker(context.Background(), 0))
-		assert.Equal(t, 30*time.Millisecond, b.Stats().TotalWait, "a retired worker's waits stay in the total")
+		return err
+	}
+	trySubmit := func(b *Balancer[int, int]) error {
+		c, err := b.TrySubmit(context.Background(), 0)
+		if err == nil {
+			err = (<-c).Err
+		}
+		return err
+	}
+	all := func(n int) func(b *Balancer[int, int]) error {
+		return func(b *Balancer[int, int]) error {
+			for _, r := range b.All(context.Background(), slices.Values(make([]int, n))) {
+				if r.Err != nil {
+					return r.Err
+				}
+			}
+			return nil
+		}
+	}
+	tests := []struct {
+		name    string
+		depth   int
+		callers int // each calling once
+		call    func(b *Balancer[int, int]) error
+	}{
+		{"Do, waiting in front", 1, calls, do},
+		{"Do, queued at the worker", calls, calls, do},
+		{"Submit, waiting in front", 1, calls, submit},
+		{"Submit, queued at the worker", calls, calls, submit},
+		{"TrySubmit, queued at the worker", calls, calls, trySubmit},
+		{"All, waiting in front", 1, calls, all(1)},
+		{"All, queued at the worker", calls, 1, all(calls)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := mustNew(t, 1, sleeper(10*time.Millisecond), WithQueueDepth(tt.depth))
+				defer b.Close()
+				var wg sync.WaitGroup
+				for range tt.callers {
+					wg.Go(func() { assert.NoError(t, tt.call(b)) })
+				}
+				synctest.Wait()
+				if tt.depth == 1 {
+					assert.Equal(t, calls-1, b.Stats().Waiting, "callers waiting in front")
+				} else {
+					assert.Equal(t, []int{calls}, pendings(b), "requests held by the worker")
+				}
+				wg.Wait()
+				s := b.Stats()
+				// The first wait, 0, counts as 1 ns; then 1/16 of the way to
+				// 10 ms, and 1/16 of the way from there to 20 ms.
+				const mean = 625000 + (20_000_000-625000)/16
+				assert.Equal(t, time.Duration(mean), s.MeanWait)
+				assert.Equal(t, 30*time.Millisecond, s.TotalWait)
+				assert.Equal(t, time.Duration(mean), s.Workers[0].MeanWait)
+				assert.Equal(t, 30*time.Millisecond, s.Workers[0].TotalWait)
+				assert.Equal(t, uint64(calls), s.Accepted)
+				assert.Equal(t, uint64(calls), s.Completed)
+				assert.Equal(t, 0, s.Waiting)
+				require.NoError(t, b.RemoveWorker(context.Background(), 0))
+				assert.Equal(t, 30*time.Millisecond, b.Stats().TotalWait, "a retired worker's waits stay in the total")
+			})
+		})
+	}
+}
+
+// A slot ends a request in the order finish documents: its counters, then
+// the freed slot to the loop, then the outcome to the caller. So whatever
+// the outcome, a caller that has it finds Stats counting it, and finds
+// the slot free for its next request. The hook stops the slot as it
+// reports: the counters must be final and the outcome not yet sent.
+func TestFinishCountsThenFreesThenAnswers(t *testing.T) {
+	errBoom := errors.New("boom")
+	fn := func(ctx context.Context, mode string) (int, error) {
+		switch mode {
+		case "error":
+			return 0, errBoom
+		case "panic":
+			panic(errBoom)
+		case "goexit":
+			runtime.Goexit()
+		}
+		return 1, nil
+	}
+	tests := []struct {
+		mode           string
+		failed, panics uint64
+	}{
+		{"ok", 0, 0},
+		{"error", 1, 0},
+		{"panic", 1, 1},
+		{"goexit", 1, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.mode, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				inReport, proceed := make(chan struct{}), make(chan struct{})
+				b, err := New(1, fn, &withHooks{report: func() {
+					close(inReport)
+					<-proceed
+				}})
+				require.NoError(t, err)
+				defer b.Close()
+				got := make(chan error, 1)
+				go func() {
+					_, err := b.Do(context.Background(), tt.mode)
+					got <- err
+				}()
+				<-inReport
+				synctest.Wait()
+				assert.Empty(t, got, "the outcome was sent before the slot was reported")
+				s := b.Stats()
+				assert.Equal(t, uint64(1), s.Completed, "Completed")
+				assert.Equal(t, tt.failed, s.Failed, "Failed")
+				assert.Equal(t, tt.panics, s.Panics, "Panics")
+				assert.Equal(t, 0, s.Pending, "Pending")
+				assert.Equal(t, 0, s.Workers[0].Pending, "the worker's Pending")
+				assert.Equal(t, 0, s.Workers[0].Running, "the worker's Running")
+				close(proceed)
+				<-got
+			})
+		})
+	}
+	// The consequences, from outside: a lone caller that has its outcome
+	// finds it counted, and the one slot free (TrySubmit accepts at once).
+	t.Run("seen by a lone caller", func(t *testing.T) {
+		b, err := New(1, fn)
+		require.NoError(t, err)
+		defer b.Close()
+		for i := range 1000 {
+			mode := []string{"ok", "error"}[i%2]
+			_, err := b.Do(context.Background(), mode)
+			s := b.Stats()
+			require.Equal(t, uint64(2*i+1), s.Completed, "after call %d", i)
+			require.Equal(t, uint64((i+1)/2), s.Failed, "after call %d", i)
+			require.Equal(t, 0, s.Workers[0].Pending, "after call %d", i)
+			require.Equal(t, mode == "error", err != nil)
+			c, err := b.TrySubmit(context.Background(), "ok")
+			require.NoError(t, err, "after call %d the slot was not free", i)
+			require.NoError(t, (<-c).Err)
+		}
 	})
+}
+
+// The loop counts a request as accepted, and as pending at its worker,
+// before it hands the request over, so Stats never sees a request finish
+// that it has not seen accepted. The hook stops the loop as it hands the
+// request over.
+func TestDispatchCountsBeforeItSends(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		inSend, proceed := make(chan struct{}), make(chan struct{})
+		b := mustNew(t, 1, square, &withHooks{send: func() {
+			close(inSend)
+			<-proceed
+		}})
+		defer b.Close()
+		c, err := b.Submit(context.Background(), 3)
+		require.NoError(t, err)
+		<-inSend
+		s := b.Stats()
+		assert.Equal(t, uint64(1), s.Accepted, "Accepted")
+		assert.Equal(t, 1, s.Pending, "Pending")
+		assert.Equal(t, 1, s.Workers[0].Pending, "the worker's Pending")
+		close(proceed)
+		assert.Equal(t, 9, (<-c).Value)
+	})
+}
+
+// The stall rule reads the age of the oldest request a worker runs,
+// whichever slot runs it: a worker of concurrency 3 with requests that
+// started 100, 50 and 10 ms ago, in every arrangement over its slots, an
+// idle slot among them or not, is as old as its oldest.
+func TestStallAgeIsTheOldestSlots(t *testing.T) {
+	const now = int64(time.Second)
+	h := newHeapHarness(2, true)
+	w := h.addWorker(workerOptions{concurrency: 3, weight: 1})
+	w.observe(10 * time.Millisecond)
+	w.pending = 3
+	starts := []int64{now - int64(100*time.Millisecond), now - int64(50*time.Millisecond), now - int64(10*time.Millisecond)}
+	for _, perm := range [][]int{{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}} {
+		for i, p := range perm {
+			w.runners[i].since.Store(starts[p])
+		}
+		assert.Equal(t, int64(100*time.Millisecond), w.oldest(now), "starts %v", perm)
+		assert.Equal(t, 4*float64(100*time.Millisecond)/3, w.costAt(now), "starts %v", perm)
+		for idle := range 3 {
+			if perm[idle] == 0 {
+				continue // the oldest
+			}
+			w.runners[idle].since.Store(0)
+			assert.Equal(t, int64(100*time.Millisecond), w.oldest(now), "starts %v, slot %d idle", perm, idle)
+			w.runners[idle].since.Store(starts[perm[idle]])
+		}
+	}
+}
+
+// The same through the loop, with a worker of two slots: its stalled
+// request is the older of the two it runs, on either slot. Phase 1 gives
+// each worker a 9 ms and an 11 ms request, so both learn 9.5 ms, and the
+// slot that served the 9 ms one is first in line for the next request;
+// the order of the two decides which slot the stall lands on, so the two
+// subtests put it on different slots.
+func TestStalledSlotCountsOnEitherSlot(t *testing.T) {
+	for _, first := range []int{9, 11} {
+		t.Run(fmt.Sprintf("%d ms first", first), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				release := make(chan struct{})
+				fn := func(ctx context.Context, i int) (int, error) {
+					if i > 0 {
+						time.Sleep(time.Duration(i) * time.Millisecond)
+					} else {
+						<-release
+					}
+					return i, nil
+				}
+				b := mustNew(t, 2, fn, WithConcurrency(2), WithQueueDepth(2))
+				defer b.Close()
+				var cs []<-chan Result[int, int]
+				submit := func(i int) {
+					t.Helper()
+					c, err := b.Submit(context.Background(), i)
+					require.NoError(t, err)
+					cs = append(cs, c)
+					synctest.Wait()
+				}
+				for _, d := range []int{first, first, 20 - first, 20 - first} { // w0, w1, w0, w1
+					submit(d)
+				}
+				time.Sleep(12 * time.Millisecond) // after the last finished
+				submit(0) // to worker 0, whose last dispatch is older: it stalls
+				require.Equal(t, []int{1, 0}, pendings(b))
+				time.Sleep(90 * time.Millisecond)
+				submit(0) // worker 1
+				submit(0) // worker 0's other slot, 90 ms after the stall
+				require.Equal(t, []int{2, 1}, pendings(b))
+				time.Sleep(10 * time.Millisecond)
+				// Worker 0 costs 3/2 × 100 ms, its oldest request's age;
+				// worker 1 (3/2 and then 4/2) × 9.5 ms, so it takes all
+				// it can hold. Counting the younger request's age instead
+				// (10 ms), worker 0 would cost 15 ms and take the third.
+				submit(0)
+				submit(0)
+				submit(0)
+				assert.Equal(t, []int{2, 4}, pendings(b))
+				close(release)
+				for _, c := range cs {
+					assert.NoError(t, (<-c).Err)
+				}
+			})
+		})
+	}
 }
 
 // 9. Stats under concurrency (run with -race): at every instant each

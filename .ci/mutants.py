@@ -65,6 +65,18 @@ muts = {
  "the loop takes the queue without counting it out": ("balancer.go", "\tr := w.r // once r has its outcome, w may be reused\n\tb.queued.Add(-1)\n", "\tr := w.r // once r has its outcome, w may be reused\n"),
  "TrySubmit's dispatch is not counted in the round": ("balancer.go", "\t\t\tb.dispatch(c.req)\n", "\t\t\tb.dispatch(c.req)\n\t\t\tb.took--\n"),
  "running never decremented": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n", "\tw.completed.Add(1)\n"),
+ "the outcome sent before the slot is reported": ("worker.go", "\tw.b.report(w)\n\tr.deliver(res)\n", "\tr.deliver(res)\n\tw.b.report(w)\n"),
+ "completion counted after the outcome": ("worker.go", "\tw.completed.Add(1)\n\tw.running.Add(-1)\n\t// The slot", "\tw.running.Add(-1)\n\tdefer w.completed.Add(1)\n\t// The slot"),
+ "failure counted after the outcome": ("worker.go", "\tif res.Err != nil {\n\t\tw.failed.Add(1)\n\t}\n\tw.completed", "\tif res.Err != nil {\n\t\tdefer w.failed.Add(1)\n\t}\n\tw.completed"),
+ "counters written after the slot is reported": ("worker.go", "\tw.b.report(w)\n\tr.deliver(res)\n", "\tw.completed.Add(^uint64(0))\n\tw.b.report(w)\n\tw.completed.Add(1)\n\tr.deliver(res)\n"),
+ "stall age read from the last busy slot": ("pool.go", "age = max(age, now-since)", "age = now - since"),
+ "stall age read from the first busy slot": ("pool.go", "age = max(age, now-since)", "return now - since"),
+ "Submit's wait not timed": ("balancer.go", "\tr.at = b.now()\n\tb.waiting.Add(1)", "\tb.waiting.Add(1)"),
+ "a wait in the worker's queue not timed": ("balancer.go", "\t\tr.at = b.now() // it waits in w's queue for a slot", "\t\t_ = r.at // it waits in w's queue for a slot"),
+ "All's waits not counted": ("worker.go", "\tobserveWait(w, wait)\n", "\tif r.batch == nil {\n\t\tobserveWait(w, wait)\n\t}\n"),
+ "TrySubmit's waits not counted": ("worker.go", "\tobserveWait(w, wait)\n", "\tif r.keep || r.batch != nil || r.at != 0 {\n\t\tobserveWait(w, wait)\n\t}\n"),
+ "callers in a hand-off not counted as waiting": ("balancer.go", "\tb.waiting.Add(1)\n\tdefer b.waiting.Add(-1)\n", "\tdefer b.waiting.Add(0)\n"),
+ "accepted counted after the request reaches its worker": ("balancer.go", "\tw.assigned.Add(1)\n\tb.accepted.Add(1)\n\tif b.hooks", "\tdefer w.assigned.Add(1)\n\tdefer b.accepted.Add(1)\n\tif b.hooks"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
