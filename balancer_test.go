@@ -1178,7 +1178,6 @@ func TestBadInput(t *testing.T) {
 	assert.Equal(t, 25, v)
 }
 
-
 // Stats times every request's wait for a slot, whichever call made it and
 // wherever it waited: in front of the balancer (depth 1, so that callers
 // wait in Do, Submit or All until the one worker frees its slot) or in the
@@ -1426,7 +1425,7 @@ func TestStalledSlotCountsOnEitherSlot(t *testing.T) {
 					submit(d)
 				}
 				time.Sleep(12 * time.Millisecond) // after the last finished
-				submit(0) // to worker 0, whose last dispatch is older: it stalls
+				submit(0)                         // to worker 0, whose last dispatch is older: it stalls
 				require.Equal(t, []int{1, 0}, pendings(b))
 				time.Sleep(90 * time.Millisecond)
 				submit(0) // worker 1
