@@ -279,7 +279,6 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // Through Do with a context that cannot be cancelled, it allocates nothing.
 type Balancer[Req, Res any] struct {
 	depth    int
-	estimate bool                             // WithLoadEstimate, on by default
 	defaults workerOptions                    // for AddWorker, from New's options
 	requests chan request[Req, Res]           // unbuffered: a send succeeds only if the loop takes it, so nothing is stranded at Close
 	queue    atomic.Pointer[waiter[Req, Res]] // Do's requests not taken yet: a stack (see enqueue)
@@ -307,11 +306,10 @@ type Balancer[Req, Res any] struct {
 	hooks    *hooks // nil outside tests
 
 	// Owned by the select loop once it starts; New sets them up before.
-	pool     pool[Req, Res]
+	sched    sched[Req, Res]
 	workers  map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
 	nextID   int
 	closing  bool              // Close or Shutdown began
-	seq      int64             // dispatch sequence number
 	pending  int               // over all workers, as of the completions taken
 	draining int               // removed workers not yet retired
 	line     *waiter[Req, Res] // taken from the queue, oldest first, not dispatched yet
@@ -320,13 +318,8 @@ type Balancer[Req, Res any] struct {
 
 	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
-	busy     int         // full workers with a mean service time
-	busyRate float64     // the sum of their service rates (c/s each), in requests per ns
-	busyHeld int         // the sum of their limits (c × depth each)
-	held     bool        // the loop is holding requests back
-	timing   bool        // timer runs: a caller is being held
-	expired  bool        // timer fired: the next request goes to the root
-	timer    *time.Timer // bounds a hold by the root's expected time
+	timing bool        // timer runs: a caller is being held
+	timer  *time.Timer // bounds a hold (see sched.holdFor)
 }
 
 // hooks let a test stop a goroutine at a point where the interleaving
@@ -438,7 +431,6 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 	}
 	b := &Balancer[Req, Res]{
 		depth:    o.depth,
-		estimate: o.estimate,
 		defaults: o.worker,
 		requests: make(chan request[Req, Res]),
 		wake:     make(chan struct{}, 1),
@@ -448,6 +440,7 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		workers:  make(map[int]*worker[Req, Res]),
 		hooks:    o.hooks,
 	}
+	b.sched = sched[Req, Res]{estimate: o.estimate, clock: b.now}
 	if o.estimate {
 		b.nudge = make(chan struct{}, 1)
 		b.timer = time.NewTimer(time.Hour)
@@ -948,7 +941,7 @@ func (b *Balancer[Req, Res]) loop() {
 			}
 			var nudge chan struct{}
 			var expired <-chan time.Time
-			if b.held {
+			if b.sched.held {
 				nudge, expired = b.nudge, b.timer.C
 			}
 			if b.hooks != nil && b.hooks.park != nil {
@@ -964,7 +957,7 @@ func (b *Balancer[Req, Res]) loop() {
 			case <-nudge: // one more caller waits: look again
 			case <-expired:
 				b.timing = false
-				b.expired = true
+				b.sched.expire()
 			}
 			b.sleeping.Store(false)
 			b.idle.Store(false)
@@ -977,7 +970,7 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.took = 0
 	}
-	for _, s := range b.pool.slots {
+	for _, s := range b.sched.pool.slots {
 		close(s.w.reqs)
 	}
 }
@@ -1147,32 +1140,42 @@ func (b *Balancer[Req, Res]) report(w *worker[Req, Res]) {
 // ready reports whether the loop should take the next request: it is not
 // closing, some worker has room, and it need not hold back.
 func (b *Balancer[Req, Res]) ready() bool {
-	return !b.closing && b.hasRoom() && !b.holdBack()
+	return !b.closing && b.sched.hasRoom() && !b.holdBack()
 }
 
-// hasRoom reports whether some worker can take a request. Looking at the
-// root is enough: a full worker costs +Inf, so it is the root only if
-// every worker is full.
-func (b *Balancer[Req, Res]) hasRoom() bool {
-	b.freshen()
-	return b.pool.Len() > 0 && b.pool.root().pending < b.pool.root().limit
+// holdBack reports whether the loop holds the next request back for a
+// busy worker (see sched.holds), and keeps holding (read by submit),
+// timer and the scheduler's held in step.
+func (b *Balancer[Req, Res]) holdBack() bool {
+	s := &b.sched
+	hold, waiting := false, int64(0)
+	if s.mayHold() {
+		b.holding.Store(true) // before reading waiting: see submit
+		waiting = b.waiting.Load() + b.queued.Load()
+		hold = s.holds(waiting)
+	}
+	if !hold && (s.held || s.busy > 0) {
+		b.holding.Store(false)
+	}
+	s.held = hold
+	switch {
+	case hold && waiting > 0 && !b.timing:
+		b.timer.Reset(s.holdFor())
+		b.timing = true
+	case !hold && b.timing:
+		b.timer.Stop()
+		b.timing = false
+	}
+	return hold
 }
 
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	b.took++
-	w := b.pool.root()
-	w.pending++
-	w.silent++
-	if w.pending == w.limit {
-		b.countBusy(w)
-	}
+	w := b.sched.dispatch()
 	if w.pending > w.concurrency && r.at == 0 {
 		r.at = b.now() // it waits in w's queue for a slot
 	}
-	b.expired = false
-	b.pool.dispatched(b.seq)
-	b.seq++
 	b.pending++
 	// Counted before the send, so Stats never sees a request complete
 	// before it was accepted.
@@ -1186,14 +1189,9 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 
 // complete records that w finished a request.
 func (b *Balancer[Req, Res]) complete(w *worker[Req, Res]) {
-	b.uncountBusy(w)
-	w.pending--
-	w.silent = 0
+	b.sched.complete(w)
 	b.pending--
-	switch {
-	case !w.removed:
-		b.pool.touch(w)
-	case w.pending == 0:
+	if w.removed && w.pending == 0 {
 		b.retire(w)
 	}
 }
@@ -1213,7 +1211,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	case c.op == opAdd:
 		return commandReply{id: b.addWorker(c.fn, c.wo)}
 	case c.op == opTry:
-		ok := b.hasRoom()
+		ok := b.sched.hasRoom()
 		if ok {
 			b.dispatch(c.req)
 		}
@@ -1223,8 +1221,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	if !ok || w.removed {
 		return commandReply{err: fmt.Errorf("%w: %d", ErrUnknownWorker, c.id)}
 	}
-	b.pool.remove(w)
-	b.uncountBusy(w)
+	b.sched.remove(w)
 	w.removed = true
 	w.gone.Store(true)
 	close(w.reqs) // the loop is its only sender and will not send again; queued requests still drain
@@ -1241,8 +1238,7 @@ func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], o workerOptions) int {
 	w := newWorker(b, b.nextID, fn, o)
 	b.nextID++
 	b.workers[w.id] = w
-	// Never dispatched to: it has waited longest of all, ties by ID.
-	b.pool.add(w, minSeq+int64(w.id))
+	b.sched.add(w)
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: append(r.workers[:len(r.workers):len(r.workers)], w), retired: r.retired})
 	w.start()
@@ -1273,7 +1269,7 @@ func (b *Balancer[Req, Res]) retire(w *worker[Req, Res]) {
 func (b *Balancer[Req, Res]) dropQueued() {
 	var dropped counts
 	for _, w := range b.workers {
-		b.uncountBusy(w) // it may lose queued requests; closing, it never counts again
+		b.sched.uncountBusy(w) // it may lose queued requests; closing, it never counts again
 		for len(w.reqs) > 0 {
 			select {
 			case r, ok := <-w.reqs:
@@ -1293,7 +1289,7 @@ func (b *Balancer[Req, Res]) dropQueued() {
 			b.retire(w)
 		}
 	}
-	b.pool.refresh()
+	b.sched.refresh()
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: r.workers, retired: r.retired.plus(dropped)})
 }

@@ -819,11 +819,11 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 		w.observe(8 * time.Millisecond)
 		var got []float64
 		for range 8 {
-			got = append(got, w.cost()/float64(time.Millisecond))
+			got = append(got, h.s.cost(w)/float64(time.Millisecond))
 			require.True(t, h.dispatch(t))
 		}
 		assert.Equal(t, []float64{8, 8, 8, 8, 10, 12, 14, 16}, got)
-		assert.Equal(t, math.Inf(1), w.cost(), "full at 4 × 2")
+		assert.Equal(t, math.Inf(1), h.s.cost(w), "full at 4 × 2")
 	})
 }
 
@@ -1380,7 +1380,7 @@ func TestStallAgeIsTheOldestSlots(t *testing.T) {
 			w.runners[i].since.Store(starts[p])
 		}
 		assert.Equal(t, int64(100*time.Millisecond), w.oldest(now), "starts %v", perm)
-		assert.Equal(t, 4*float64(100*time.Millisecond)/3, w.costAt(now), "starts %v", perm)
+		assert.Equal(t, 4*float64(100*time.Millisecond)/3, h.s.costAt(w, now), "starts %v", perm)
 		for idle := range 3 {
 			if perm[idle] == 0 {
 				continue // the oldest
@@ -1508,28 +1508,32 @@ func TestStatsIsConsistentUnderLoad(t *testing.T) {
 }
 
 // The heap's invariant, from the inside.
-func checkHeap(t *testing.T, p *pool[int, int]) {
+func checkHeap(t *testing.T, h *heapHarness) {
 	t.Helper()
+	p := h.p
 	for i, s := range p.slots {
 		require.Equal(t, i, p.at[s.h], "worker %d's index", s.w.id)
 		require.Equal(t, s.h, s.w.handle, "worker %d's handle", s.w.id)
-		require.Equal(t, s.w.cost(), s.cost, "worker %d's cost", s.w.id)
+		require.Equal(t, h.s.cost(s.w), s.cost, "worker %d's cost", s.w.id)
 		if i > 0 {
 			require.False(t, p.Less(i, (i-1)/2), "slot %d sorts before its parent", i)
 		}
 	}
 }
 
-// heapHarness runs the pool the way the loop does, without goroutines.
+// heapHarness runs the scheduler the way the loop does, without
+// goroutines.
 type heapHarness struct {
 	b    *Balancer[int, int]
-	p    pool[int, int]
+	s    *sched[int, int]
+	p    *pool[int, int]
 	next int
-	seq  int64
 }
 
 func newHeapHarness(depth int, estimate bool) *heapHarness {
-	return &heapHarness{b: &Balancer[int, int]{depth: depth, estimate: estimate}}
+	b := &Balancer[int, int]{depth: depth}
+	b.sched = sched[int, int]{estimate: estimate, clock: func() int64 { return 1 }}
+	return &heapHarness{b: b, s: &b.sched, p: &b.sched.pool}
 }
 
 // add adds a worker of concurrency 1 and the given weight.
@@ -1539,14 +1543,14 @@ func (h *heapHarness) add(weight float64) *worker[int, int] {
 
 func (h *heapHarness) addWorker(o workerOptions) *worker[int, int] {
 	w := newWorker(h.b, h.next, square, o)
-	h.p.add(w, minSeq+int64(w.id))
+	h.s.add(w)
 	h.next++
 	return w
 }
 
 func (h *heapHarness) remove(t *testing.T, i int) {
 	w := h.p.slots[i].w
-	h.p.remove(w)
+	h.s.remove(w)
 	require.Equal(t, -1, h.p.at[w.handle])
 }
 
@@ -1565,25 +1569,22 @@ func (h *heapHarness) dispatch(t *testing.T) bool {
 	for _, s := range h.p.slots {
 		require.GreaterOrEqual(t, s.cost, root.cost, "the root is not the cheapest")
 	}
-	root.w.pending++
-	h.p.dispatched(h.seq)
-	h.seq++
+	h.s.dispatch()
 	return true
 }
 
 func (h *heapHarness) complete(w *worker[int, int], service time.Duration) {
-	w.pending--
-	if h.b.estimate {
+	if h.s.estimate {
 		w.observe(service)
 	}
-	h.p.touch(w)
+	h.s.complete(w)
 }
 
 func TestPoolKeepsHeapInvariant(t *testing.T) {
 	h := newHeapHarness(4, false)
 	for i := range 16 {
 		h.add(float64(1 + i%3))
-		checkHeap(t, &h.p)
+		checkHeap(t, h)
 	}
 	for step := range 1000 {
 		if step%3 == 2 { // complete on some worker with work
@@ -1593,11 +1594,11 @@ func TestPoolKeepsHeapInvariant(t *testing.T) {
 		} else {
 			h.dispatch(t)
 		}
-		checkHeap(t, &h.p)
+		checkHeap(t, h)
 	}
 	h.remove(t, 5)
 	h.add(1) // takes the freed handle
-	checkHeap(t, &h.p)
+	checkHeap(t, h)
 }
 
 func TestEqualWorkersTakeTurns(t *testing.T) {
@@ -1622,8 +1623,8 @@ func fastAndSlow(depth int) (h *heapHarness, fast, slow *worker[int, int]) {
 	fast, slow = h.add(1), h.add(1)
 	fast.observe(time.Millisecond)
 	slow.observe(4 * time.Millisecond)
-	h.p.touch(fast)
-	h.p.touch(slow)
+	h.s.touch(fast)
+	h.s.touch(slow)
 	return h, fast, slow
 }
 
@@ -1647,7 +1648,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		for range 4 * fallSmoothing { // slow serves fast now
 			slow.observe(time.Millisecond)
 		}
-		h.p.touch(slow)
+		h.s.touch(slow)
 		assert.Less(t, slow.service.Load(), int64(1100*time.Microsecond), "its average recovered")
 	})
 	t.Run("a full fast worker does not hold up a slow one with room", func(t *testing.T) {
@@ -1661,7 +1662,7 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		h := newHeapHarness(4, true)
 		old := h.add(1)
 		old.observe(time.Millisecond)
-		h.p.touch(old)
+		h.s.touch(old)
 		fresh := h.add(1)
 		require.True(t, h.dispatch(t))
 		assert.Equal(t, 1, fresh.pending)
@@ -2955,7 +2956,7 @@ func FuzzPool(f *testing.F) {
 				}
 				h.remove(t, arg%h.p.Len())
 			}
-			checkHeap(t, &h.p)
+			checkHeap(t, h)
 			for _, s := range h.p.slots {
 				require.True(t, s.w.pending >= 0 && s.w.pending <= s.w.limit, "pending %d", s.w.pending)
 			}

@@ -12,6 +12,25 @@ import (
 // learned) and when a request is better held back. balancer.go is the API
 // and the loop that applies it.
 
+// sched is the scheduler's state: the heap and what the policy keeps
+// beside it. The loop owns it outright; its decisions are functions of
+// this state, of the workers' figures and of the clock it is given, so a
+// test can drive it without goroutines. The Balancer is the mechanism
+// that applies them: channels, atomics for the callers, the hold timer.
+type sched[Req, Res any] struct {
+	pool     pool[Req, Res]
+	estimate bool         // WithLoadEstimate, on by default
+	clock    func() int64 // b.now: read only when a decision needs the time
+	seq      int64        // dispatch sequence number
+
+	// Holding back, with the load estimate only (see holdBack).
+	busy     int     // full workers with a mean service time
+	busyRate float64 // the sum of their service rates (c/s each), in requests per ns
+	busyHeld int     // the sum of their limits (c × depth each)
+	held     bool    // the last decision was to hold
+	expired  bool    // a hold ran out: the next request goes to the root
+}
+
 // pool is a min-heap of workers ordered by cost, the priority queue of the
 // select loop. The loop owns it outright: no other goroutine reads or writes
 // it, or the loop-owned fields of its workers.
@@ -90,8 +109,9 @@ func (p *pool[Req, Res]) Pop() any {
 // root returns the cheapest worker. The pool must not be empty.
 func (p *pool[Req, Res]) root() *worker[Req, Res] { return p.slots[0].w }
 
-// add puts w in the heap; last orders it among workers of equal cost.
-func (p *pool[Req, Res]) add(w *worker[Req, Res], last int64) {
+// add puts w in the heap at cost; last orders it among workers of equal
+// cost.
+func (p *pool[Req, Res]) add(w *worker[Req, Res], cost float64, last int64) {
 	if n := len(p.free); n > 0 {
 		w.handle = p.free[n-1]
 		p.free = p.free[:n-1]
@@ -99,7 +119,7 @@ func (p *pool[Req, Res]) add(w *worker[Req, Res], last int64) {
 		w.handle = len(p.at)
 		p.at = append(p.at, -1)
 	}
-	heap.Push(p, slot[Req, Res]{cost: w.cost(), last: last, h: w.handle, w: w})
+	heap.Push(p, slot[Req, Res]{cost: cost, last: last, h: w.handle, w: w})
 }
 
 // remove takes w out of the heap.
@@ -108,11 +128,11 @@ func (p *pool[Req, Res]) remove(w *worker[Req, Res]) {
 	p.free = append(p.free, w.handle)
 }
 
-// touch restores the heap order after w's load changed: it refreshes w's
-// cost in its slot and moves the slot.
-func (p *pool[Req, Res]) touch(w *worker[Req, Res]) {
+// touch restores the heap order after w's cost changed: it puts the new
+// cost in w's slot and moves the slot.
+func (p *pool[Req, Res]) touch(w *worker[Req, Res], cost float64) {
 	i := p.at[w.handle]
-	p.slots[i].cost = w.cost()
+	p.slots[i].cost = cost
 	p.fix(i)
 }
 
@@ -160,20 +180,12 @@ func (p *pool[Req, Res]) move(from, to int) {
 	p.at[p.slots[to].h] = to
 }
 
-// dispatched records a dispatch to the root, which then sorts after every
-// worker of equal cost.
-func (p *pool[Req, Res]) dispatched(seq int64) {
+// dispatched records a dispatch to the root, whose cost is now cost,
+// which then sorts after every worker of equal cost.
+func (p *pool[Req, Res]) dispatched(cost float64, seq int64) {
 	p.slots[0].last = seq
-	p.touch(p.slots[0].w)
-}
-
-// refresh recomputes every cost and re-sorts, after many changed at once.
-// O(n).
-func (p *pool[Req, Res]) refresh() {
-	for i := range p.slots {
-		p.slots[i].cost = p.slots[i].w.cost()
-	}
-	heap.Init(p)
+	p.slots[0].cost = cost
+	p.fix(0)
 }
 
 // cost is the pool's sort key: the expected wait for one more request at w,
@@ -186,23 +198,23 @@ func (p *pool[Req, Res]) refresh() {
 // Without the estimate it is the requests w would then have per slot,
 // divided by its weight. A full worker costs +Inf: the root has room
 // whenever any worker has.
-func (w *worker[Req, Res]) cost() float64 { return w.costAt(0) }
+func (s *sched[Req, Res]) cost(w *worker[Req, Res]) float64 { return s.costAt(w, 0) }
 
-// costAt is cost counting the running requests' ages as of now, a b.now()
+// costAt is cost counting the running requests' ages as of now, a clock
 // reading; 0 leaves them out.
-func (w *worker[Req, Res]) costAt(now int64) float64 {
+func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 	if w.pending >= w.limit {
 		return math.Inf(1)
 	}
-	if !w.b.estimate {
+	if !s.estimate {
 		return float64(w.pending+1) * w.unit
 	}
-	s := w.service.Load()
+	t := w.service.Load()
 	if now != 0 {
-		s = max(s, w.oldest(now))
+		t = max(t, w.oldest(now))
 	}
 	n := max(w.pending+1, w.concurrency)
-	return float64(n) * float64(s) / float64(w.concurrency)
+	return float64(n) * float64(t) / float64(w.concurrency)
 }
 
 // oldest returns the age at now of the oldest request w's slots are
@@ -217,6 +229,63 @@ func (w *worker[Req, Res]) oldest(now int64) int64 {
 	return age
 }
 
+// add puts a new worker in the heap, first among equals: never
+// dispatched to, it has waited longest of all, ties by ID.
+func (s *sched[Req, Res]) add(w *worker[Req, Res]) {
+	s.pool.add(w, s.cost(w), minSeq+int64(w.id))
+}
+
+// remove takes w out of the heap and out of the hold-back's count.
+func (s *sched[Req, Res]) remove(w *worker[Req, Res]) {
+	s.pool.remove(w)
+	s.uncountBusy(w)
+}
+
+// hasRoom reports whether some worker can take a request. Looking at the
+// root is enough: a full worker costs +Inf, so it is the root only if
+// every worker is full.
+func (s *sched[Req, Res]) hasRoom() bool {
+	s.freshen()
+	return s.pool.Len() > 0 && s.pool.root().pending < s.pool.root().limit
+}
+
+// dispatch records one more request at the cheapest worker, which has
+// room, and returns that worker.
+func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
+	w := s.pool.root()
+	w.pending++
+	w.silent++
+	if w.pending == w.limit {
+		s.countBusy(w)
+	}
+	s.expired = false
+	s.pool.dispatched(s.cost(w), s.seq)
+	s.seq++
+	return w
+}
+
+// complete records that w finished a request.
+func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
+	s.uncountBusy(w)
+	w.pending--
+	w.silent = 0
+	if !w.removed {
+		s.touch(w)
+	}
+}
+
+// touch restores the heap order after w's cost changed.
+func (s *sched[Req, Res]) touch(w *worker[Req, Res]) { s.pool.touch(w, s.cost(w)) }
+
+// refresh recomputes every cost and re-sorts, after many changed at once.
+// O(n).
+func (s *sched[Req, Res]) refresh() {
+	for i := range s.pool.slots {
+		s.pool.slots[i].cost = s.cost(s.pool.slots[i].w)
+	}
+	heap.Init(&s.pool)
+}
+
 // freshen brings the root's cost up to date with the age of the requests
 // it runs, with the load estimate: a request running far longer than its
 // worker's mean raises that worker's cost, so a worker that stalls stops
@@ -228,25 +297,25 @@ func (w *worker[Req, Res]) oldest(now int64) int64 {
 // with room that has completed nothing since it took as many requests as
 // it has slots (a worker that completes requests is not stalling), so a
 // healthy worker costs a few comparisons and no reading of the clock.
-func (b *Balancer[Req, Res]) freshen() {
-	if !b.estimate {
+func (s *sched[Req, Res]) freshen() {
+	if !s.estimate {
 		return
 	}
 	var now int64
-	for b.pool.Len() > 0 {
-		s := &b.pool.slots[0]
-		if s.w.pending == 0 || s.w.pending >= s.w.limit || s.w.silent < s.w.concurrency {
+	for s.pool.Len() > 0 {
+		r := &s.pool.slots[0]
+		if r.w.pending == 0 || r.w.pending >= r.w.limit || r.w.silent < r.w.concurrency {
 			return
 		}
 		if now == 0 {
-			now = b.now()
+			now = s.clock()
 		}
-		c := s.w.costAt(now)
-		if c <= s.cost {
+		c := s.costAt(r.w, now)
+		if c <= r.cost {
 			return
 		}
-		s.cost = c
-		b.pool.fix(0)
+		r.cost = c
+		s.pool.fix(0)
 	}
 }
 
@@ -333,10 +402,16 @@ const holdMargin = 1.5
 // noise, from holding back at random.
 const holdFloor = float64(10 * time.Microsecond)
 
-// holdBack reports whether the next request should wait for a busy worker
-// rather than go to the root, which has room: with the load estimate, when
-// the root is slow enough that a request is expected to finish sooner by
-// waiting for one of the full workers to free a slot.
+// mayHold reports whether the loop may hold back at all, before it reads
+// the callers waiting: with the load estimate, a full worker to wait for,
+// no hold just run out, and a root slow enough to be worth it.
+func (s *sched[Req, Res]) mayHold() bool {
+	return s.busy > 0 && !s.expired && s.pool.slots[0].cost >= holdFloor
+}
+
+// holds reports whether the next request should wait for a busy worker
+// rather than go to the root, which has room, while waiting callers wait
+// (see Balancer.holdBack); mayHold must be true.
 //
 // The full workers that have a mean service time s free slots at a
 // combined rate R = Σ c/s over their concurrencies c, and hold H = Σ c ×
@@ -346,58 +421,47 @@ const holdFloor = float64(10 * time.Microsecond)
 // and its own. The loop holds back while holdMargin times that is less
 // than the root's cost, its expected time for one more request.
 // With equal workers it never is, and as callers pile up behind the full
-// workers it stops being so, which sends the root its share. Once callers
-// have been held for the root's cost, the timer fires and the next request
-// goes to the root, so a stalled worker cannot strand requests.
-//
-// It also keeps holding (read by submit), timer and held in step.
-func (b *Balancer[Req, Res]) holdBack() bool {
-	hold, waiting := false, int64(0)
-	if b.busy > 0 && !b.expired && b.pool.slots[0].cost >= holdFloor {
-		b.holding.Store(true) // before reading waiting: see submit
-		waiting = b.waiting.Load() + b.queued.Load()
-		k := max(waiting, 1)
-		hold = b.pool.slots[0].cost*b.busyRate > holdMargin*float64(k+int64(b.busyHeld))
-	}
-	if !hold && (b.held || b.busy > 0) {
-		b.holding.Store(false)
-	}
-	b.held = hold
-	switch {
-	case hold && waiting > 0 && !b.timing:
-		b.timer.Reset(time.Duration(b.pool.slots[0].cost))
-		b.timing = true
-	case !hold && b.timing:
-		b.timer.Stop()
-		b.timing = false
-	}
-	return hold
+// workers it stops being so, which sends the root its share.
+func (s *sched[Req, Res]) holds(waiting int64) bool {
+	k := max(waiting, 1)
+	return s.pool.slots[0].cost*s.busyRate > holdMargin*float64(k+int64(s.busyHeld))
 }
 
+// holdFor is how long callers may be held: the root's expected time for
+// one more request. Once they have been held that long, the next request
+// goes to the root (see expire), so a stalled worker cannot strand them.
+func (s *sched[Req, Res]) holdFor() time.Duration {
+	return time.Duration(s.pool.slots[0].cost)
+}
+
+// expire records that callers were held for holdFor: the next request
+// goes to the root, and after it the loop may hold again.
+func (s *sched[Req, Res]) expire() { s.expired = true }
+
 // countBusy adds w, which has just become full, to the busy workers
-// holdBack waits for, if it has a mean service time.
-func (b *Balancer[Req, Res]) countBusy(w *worker[Req, Res]) {
-	if !b.estimate {
+// holds waits for, if it has a mean service time.
+func (s *sched[Req, Res]) countBusy(w *worker[Req, Res]) {
+	if !s.estimate {
 		return
 	}
-	if s := w.service.Load(); s > 0 {
-		w.rate = float64(w.concurrency) / float64(s)
-		b.busy++
-		b.busyRate += w.rate
-		b.busyHeld += w.limit
+	if t := w.service.Load(); t > 0 {
+		w.rate = float64(w.concurrency) / float64(t)
+		s.busy++
+		s.busyRate += w.rate
+		s.busyHeld += w.limit
 	}
 }
 
 // uncountBusy takes w out of the busy workers, if it is counted there.
-func (b *Balancer[Req, Res]) uncountBusy(w *worker[Req, Res]) {
+func (s *sched[Req, Res]) uncountBusy(w *worker[Req, Res]) {
 	if w.rate == 0 {
 		return
 	}
-	b.busy--
-	b.busyRate -= w.rate
-	b.busyHeld -= w.limit
+	s.busy--
+	s.busyRate -= w.rate
+	s.busyHeld -= w.limit
 	w.rate = 0
-	if b.busy == 0 {
-		b.busyRate = 0 // no rounding error carried over
+	if s.busy == 0 {
+		s.busyRate = 0 // no rounding error carried over
 	}
 }
