@@ -807,16 +807,17 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 		for i, ms := range []int{16, 32, 48, 64} {
 			require.NoError(t, (<-cs[i]).Err)
 			synctest.Wait()
-			if i > 0 { // each run is slower: the average rises a quarter of the way
-				want += (time.Duration(ms)*time.Millisecond - want) / riseSmoothing
+			if i > 0 { // a running mean of the first runs
+				want += (time.Duration(ms)*time.Millisecond - want) / time.Duration(i+1)
 			}
 			assert.Equal(t, want, b.Stats().Workers[0].MeanService, "after the run of %d ms", ms)
 		}
 	})
 	t.Run("cost counts the slots", func(t *testing.T) {
 		h := newHeapHarness(2, true)
+		h.s.ref = float64(8 * time.Millisecond) // on a step of the scale, so that costs are exact
 		w := h.addWorker(workerOptions{concurrency: 4, weight: 1})
-		w.observe(8 * time.Millisecond)
+		w.observe(8*time.Millisecond, 0)
 		var got []float64
 		for range 8 {
 			got = append(got, h.s.cost(w)/float64(time.Millisecond))
@@ -1371,8 +1372,9 @@ func TestDispatchCountsBeforeItSends(t *testing.T) {
 func TestStallAgeIsTheOldestSlots(t *testing.T) {
 	const now = int64(time.Second)
 	h := newHeapHarness(2, true)
+	h.s.ref = float64(100 * time.Millisecond) // on a step of the scale, so that the cost is exact
 	w := h.addWorker(workerOptions{concurrency: 3, weight: 1})
-	w.observe(10 * time.Millisecond)
+	w.observe(10*time.Millisecond, 0)
 	w.pending = 3
 	starts := []int64{now - int64(100*time.Millisecond), now - int64(50*time.Millisecond), now - int64(10*time.Millisecond)}
 	for _, perm := range [][]int{{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}} {
@@ -1575,7 +1577,7 @@ func (h *heapHarness) dispatch(t *testing.T) bool {
 
 func (h *heapHarness) complete(w *worker[int, int], service time.Duration) {
 	if h.s.estimate {
-		w.observe(service)
+		w.observe(service, 0)
 	}
 	h.s.complete(w)
 }
@@ -1617,12 +1619,14 @@ func TestEqualWorkersTakeTurns(t *testing.T) {
 }
 
 // fastAndSlow returns a harness with load estimates and two workers seen
-// to take 1 ms and 4 ms.
+// to take 1 ms and 4 ms, with the scale's centre at 1 ms (so that 4 ms
+// counts as 1.5³ = 3.375 ms, see key).
 func fastAndSlow(depth int) (h *heapHarness, fast, slow *worker[int, int]) {
 	h = newHeapHarness(depth, true)
+	h.s.ref = float64(time.Millisecond)
 	fast, slow = h.add(1), h.add(1)
-	fast.observe(time.Millisecond)
-	slow.observe(4 * time.Millisecond)
+	fast.observe(time.Millisecond, 0)
+	slow.observe(4*time.Millisecond, 0)
 	h.s.touch(fast)
 	h.s.touch(slow)
 	return h, fast, slow
@@ -1643,10 +1647,10 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		for range 5 {
 			require.True(t, h.dispatch(t))
 		}
-		assert.Equal(t, 4, fast.pending, "(4+1)×1 ms beats (0+1)×4 ms until the fifth")
+		assert.Equal(t, 4, fast.pending, "(3+1)×1 ms loses to (0+1)×3.375 ms, then (4+1)×1 ms beats (1+1)×3.375 ms")
 		assert.Equal(t, 1, slow.pending)
 		for range 4 * fallSmoothing { // slow serves fast now
-			slow.observe(time.Millisecond)
+			slow.observe(time.Millisecond, 0)
 		}
 		h.s.touch(slow)
 		assert.Less(t, slow.service.Load(), int64(1100*time.Microsecond), "its average recovered")
@@ -1661,27 +1665,64 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 	t.Run("a new worker is tried first", func(t *testing.T) {
 		h := newHeapHarness(4, true)
 		old := h.add(1)
-		old.observe(time.Millisecond)
+		old.observe(time.Millisecond, 0)
 		h.s.touch(old)
 		fresh := h.add(1)
 		require.True(t, h.dispatch(t))
 		assert.Equal(t, 1, fresh.pending)
 	})
-	t.Run("the average rises fast, falls slowly, and one outlier counts four times it at most", func(t *testing.T) {
+	t.Run("the first runs make a running mean, and one outlier counts four times it at most", func(t *testing.T) {
 		h := newHeapHarness(4, true)
 		w := h.add(1)
 		var got []time.Duration
 		for _, d := range []time.Duration{16, 32, 16, 0, 1000} {
-			w.observe(d * time.Millisecond)
+			w.observe(d*time.Millisecond, 0)
 			got = append(got, time.Duration(w.service.Load()))
 		}
 		assert.Equal(t, []time.Duration{
-			16 * time.Millisecond,    // the first run is taken whole
-			20 * time.Millisecond,    // 16 + (32-16)/4
-			19750 * time.Microsecond, // 20 + (16-20)/16
-			18515626,                 // 19.75 + (0-19.75)/16, a zero run counting as 1 ns
-			32402345,                 // 18.5 + (4 × 18.5 - 18.5)/4: capped
+			16 * time.Millisecond, // the first run is taken whole
+			24 * time.Millisecond, // 16 + (32-16)/2
+			21333334,              // 24 + (16-24)/3
+			16000001,              // 21.3 + (0-21.3)/4, a zero run counting as 1 ns
+			28000001,              // 16 + (4 × 16 - 16)/4: capped, and a rise moves it a quarter at most
 		}, got)
+	})
+	t.Run("then the average rises fast and falls slowly", func(t *testing.T) {
+		h := newHeapHarness(4, true)
+		w := h.add(1)
+		for range fallSmoothing {
+			w.observe(20*time.Millisecond, 0)
+		}
+		var got []time.Duration
+		for _, d := range []time.Duration{36, 8} {
+			w.observe(d*time.Millisecond, 0)
+			got = append(got, time.Duration(w.service.Load()))
+		}
+		assert.Equal(t, []time.Duration{24 * time.Millisecond, 23 * time.Millisecond}, got, "20 + (36-20)/4, then 24 + (8-24)/16")
+	})
+	t.Run("a run after a gap counts for the time the average was not refreshed", func(t *testing.T) {
+		h := newHeapHarness(4, true)
+		w := h.add(1)
+		end := int64(time.Second)
+		for range fallSmoothing {
+			w.observe(20*time.Millisecond, end)
+		}
+		end += staleAfter
+		w.observe(10*time.Millisecond, end) // 1 − e^(-staleAfter/decay) of the way, more than 1/16
+		after := int64(20*time.Millisecond) + int64(-math.Expm1(-float64(staleAfter)/float64(decay))*float64(-10*time.Millisecond))
+		assert.Equal(t, after, w.service.Load())
+		end += decayFrom
+		w.observe(10*time.Millisecond, end) // a short gap: 1/16
+		assert.Equal(t, after+(int64(10*time.Millisecond)-after)/fallSmoothing, w.service.Load())
+		end += staleAfter + 1
+		w.observe(30*time.Millisecond, end) // expired, and no prior known: a new average
+		assert.Equal(t, int64(30*time.Millisecond), w.service.Load())
+		h.b.ref.Store(int64(10 * time.Millisecond))
+		end += staleAfter + 1
+		w.observe(30*time.Millisecond, end) // expired: a new average, from the prior
+		assert.Equal(t, int64(20*time.Millisecond), w.service.Load())
+		w.observe(50*time.Millisecond, end+1) // its third run
+		assert.Equal(t, int64(30*time.Millisecond), w.service.Load())
 	})
 }
 

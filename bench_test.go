@@ -1,6 +1,7 @@
 package balancer_test
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
@@ -298,7 +299,9 @@ func BenchmarkTrySubmit(b *testing.B) {
 // whole milliseconds with mean 2 ms (P(k ms) = 2^-k); the last slow
 // workers take factor times as long, always or, if period is set, while
 // the arrival time modulo period is in [from, from+length): a brownout.
-// Worker 0 serves nothing during [stallAt, stallAt+stallFor).
+// Worker 0 serves nothing during [stallAt, stallAt+stallFor). A recovery
+// scenario is a brownout whose figures are the slow worker's share after
+// it ends (see shares).
 type scenario struct {
 	name                 string
 	workers, concurrency int
@@ -308,6 +311,7 @@ type scenario struct {
 	factor               float64
 	period, from, length time.Duration
 	stallAt, stallFor    time.Duration
+	recovery             bool
 }
 
 const meanService = 2 * time.Millisecond
@@ -333,9 +337,12 @@ func (s scenario) stalled(i int, at time.Duration) (end time.Duration, ok bool) 
 }
 
 // window reports whether a request arriving at at counts in the table:
-// during a brownout or stall if the scenario has one, else always.
+// during a brownout or stall if the scenario has one, else always; in a
+// recovery scenario, outside the brownout.
 func (s scenario) window(at time.Duration) bool {
 	switch {
+	case s.recovery:
+		return s.slowdown(s.workers-1, at) == 1
 	case s.period > 0:
 		return s.slowdown(s.workers-1, at) > 1
 	case s.stallFor > 0:
@@ -383,20 +390,21 @@ func newWorkload(s scenario, seed uint64, n int) workload {
 
 // replay offers w to dispatcher name in a synctest bubble, where time.Sleep
 // is exact and time stands still while anything can run, and returns the
-// latency of each request from its arrival to its result.
-func replay(t *testing.T, s scenario, w workload, name string) []time.Duration {
-	var lat []time.Duration
-	synctest.Test(t, func(t *testing.T) { lat = offer(t, s, w, name) })
-	return lat
+// latency of each request from its arrival to its result, and the worker
+// that served it.
+func replay(t *testing.T, s scenario, w workload, name string) (lat []time.Duration, who []int) {
+	synctest.Test(t, func(t *testing.T) { lat, who = offer(t, s, w, name) })
+	return lat, who
 }
 
 // offer offers w to dispatcher name and returns the latency of each
-// request from its arrival to its result.
-func offer(t testing.TB, s scenario, w workload, name string) []time.Duration {
-	lat := make([]time.Duration, len(w.at))
+// request from its arrival to its result, and the worker that served it.
+func offer(t testing.TB, s scenario, w workload, name string) (lat []time.Duration, who []int) {
+	lat, who = make([]time.Duration, len(w.at)), make([]int, len(w.at))
 	start := time.Now()
 	serve := func(i int) balancer.Func[int, int] {
 		return func(ctx context.Context, req int) (int, error) {
+			who[req] = i
 			at := time.Since(start)
 			if end, ok := s.stalled(i, at); ok {
 				time.Sleep(end - at)
@@ -435,7 +443,7 @@ func offer(t testing.TB, s scenario, w workload, name string) []time.Duration {
 	}
 	wg.Wait()
 	require.NoError(t, d.Close())
-	return lat
+	return lat, who
 }
 
 // unbounded is the queue per slot of the dispatchers that pick a worker at
@@ -478,6 +486,61 @@ func quantiles(s scenario, w workload, lat []time.Duration) [3]time.Duration {
 	return q
 }
 
+// shares returns each worker's share of the requests that arrived in
+// [from, to), as a multiple of its fair share (1/workers).
+func shares(s scenario, w workload, who []int, from, to time.Duration) []float64 {
+	n := make([]float64, s.workers)
+	var all float64
+	for i, at := range w.at {
+		if at >= from && at < to {
+			n[who[i]]++
+			all++
+		}
+	}
+	for i := range n {
+		n[i] *= float64(s.workers) / all
+	}
+	return n
+}
+
+// spread returns the least and the most of the workers' shares of the
+// requests in the scenario's window, each as a multiple of a fair share.
+func spread(s scenario, w workload, who []int) (least, most float64) {
+	n := make([]float64, s.workers)
+	var all float64
+	for i, at := range w.at {
+		if s.window(at) {
+			n[who[i]]++
+			all++
+		}
+	}
+	return slices.Min(n) * float64(s.workers) / all, slices.Max(n) * float64(s.workers) / all
+}
+
+// Windows after each brownout of a recovery scenario in which the slow
+// worker's share is reported: the first 8 s, and 22 to 30 s.
+const (
+	soonAfter = 8 * time.Second
+	lateFrom  = 22 * time.Second
+	lateTo    = 30 * time.Second
+)
+
+// recovered returns the slow worker's share of the requests that arrived
+// after each brownout ended, in [0, soonAfter) and in [lateFrom, lateTo)
+// from its end, as a multiple of its fair share.
+func recovered(s scenario, w workload, who []int) (soon, late float64) {
+	last := w.at[len(w.at)-1]
+	var soonN, soonAll, lateN, lateAll float64
+	for end := s.from + s.length; end+lateTo <= last; end += s.period {
+		a := shares(s, w, who, end, end+soonAfter)
+		b := shares(s, w, who, end+lateFrom, end+lateTo)
+		soonN, lateN = soonN+a[s.workers-1], lateN+b[s.workers-1]
+		soonAll++
+		lateAll++
+	}
+	return soonN / soonAll, lateN / lateAll
+}
+
 // scenarios are the rows of the balance-quality table.
 func scenarios() []scenario {
 	even := scenario{workers: 8, concurrency: 1, depth: 1}
@@ -489,7 +552,8 @@ func scenarios() []scenario {
 			all = append(all, s)
 		}
 	}
-	add("equal", even, 0.7, 0.9)
+	add("4 equal", scenario{workers: 4, concurrency: 1, depth: 1}, 0.1)
+	add("equal", even, 0.1, 0.7, 0.9)
 	slow2 := even
 	slow2.slow, slow2.factor = 2, 4
 	add("2 of 8 4× slower", slow2, 0.5, 0.7, 0.8, 0.9)
@@ -512,6 +576,10 @@ func scenarios() []scenario {
 	add("8 of depth 8, one stops for 3 s", stall, 0.5)
 	stall = scenario{workers: 4, concurrency: 4, depth: 1, stallAt: 2 * time.Second, stallFor: 3 * time.Second}
 	add("4 of capacity 4, one stops for 3 s", stall, 0.5)
+	recovery := even
+	recovery.slow, recovery.factor, recovery.recovery = 1, 10, true
+	recovery.period, recovery.from, recovery.length = 40*time.Second, 8*time.Second, 2*time.Second
+	add("1 of 8 10× slower for 2 s of 40 s", recovery, 0.05, 0.2)
 	return all
 }
 
@@ -521,19 +589,45 @@ var qualityDispatchers = []string{"shared", "count", "estimate", "p2c", "oracle"
 // to the balancer without the stall.
 const noStall = "estimate, no stall"
 
-// measure replays one seeded workload of n requests to every dispatcher and
-// returns the p50, p99 and p99.9 of each (see quantiles).
-func measure(t *testing.T, s scenario, names []string, seed uint64, n int) map[string][3]time.Duration {
+// figures are one dispatcher's figures in one scenario: the p50, p99 and
+// p99.9 latencies (see quantiles), the least and most of the workers'
+// shares (see spread), and in a recovery scenario the slow worker's share
+// soon and late after it recovered (see recovered).
+type figures struct {
+	q                       [3]time.Duration
+	least, most, soon, late float64
+}
+
+// measure replays one seeded workload of n requests to every dispatcher
+// and returns each one's figures.
+func measure(t *testing.T, s scenario, names []string, seed uint64, n int) map[string]figures {
 	w := newWorkload(s, seed, n)
-	q := map[string][3]time.Duration{}
+	f := map[string]figures{}
 	for _, name := range names {
 		sc, d := s, name
 		if name == noStall {
 			sc.stallFor, d = 0, "estimate"
 		}
-		q[name] = quantiles(s, w, replay(t, sc, w, d))
+		lat, who := replay(t, sc, w, d)
+		var g figures
+		g.q = quantiles(s, w, lat)
+		g.least, g.most = spread(s, w, who)
+		if s.recovery {
+			g.soon, g.late = recovered(s, w, who)
+		}
+		f[name] = g
 	}
-	return q
+	return f
+}
+
+// sharesColumn is the table's column of shares: the least and most of the
+// workers' shares ÷ fair, or in a recovery scenario the slow worker's soon
+// and late after it recovered.
+func sharesColumn(s scenario, f figures) string {
+	if s.recovery {
+		return fmt.Sprintf("slow worker %.2f in the 8 s after, %.2f 22–30 s after", f.soon, f.late)
+	}
+	return fmt.Sprintf("%.2f–%.2f", f.least, f.most)
 }
 
 // TestBalanceQuality prints the balance-quality table: every scenario and
@@ -554,57 +648,74 @@ func TestBalanceQuality(t *testing.T) {
 	}
 	only := regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
 	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
-	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | p99 ÷ shared | p99 ÷ oracle |")
-	fmt.Println("|---|---|---|---|---|---|---|---|")
+	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | p99 ÷ shared | p99 ÷ oracle | shares ÷ fair |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|")
 	for _, s := range scenarios() {
-		if !only.MatchString(fmt.Sprintf("%s %.1f", s.name, s.load)) {
+		if !only.MatchString(fmt.Sprintf("%s %.2g", s.name, s.load)) {
 			continue
 		}
 		names := qualityDispatchers
 		if s.stallFor > 0 {
 			names = append(slices.Clip(names), noStall)
 		}
-		q := measure(t, s, names, seed, n)
+		f := measure(t, s, names, seed, n)
 		for _, name := range names {
-			fmt.Printf("| %s | %.1f | %s | %.1f | %.1f | %.1f | %.2f | %.2f |\n", s.name, s.load, name,
-				ms(q[name][0]), ms(q[name][1]), ms(q[name][2]),
-				float64(q[name][1])/float64(q["shared"][1]), float64(q[name][1])/float64(q["oracle"][1]))
+			q := f[name].q
+			fmt.Printf("| %s | %.2g | %s | %.1f | %.1f | %.1f | %.2f | %.2f | %s |\n", s.name, s.load, name,
+				ms(q[0]), ms(q[1]), ms(q[2]),
+				float64(q[1])/float64(f["shared"].q[1]), float64(q[1])/float64(f["oracle"].q[1]), sharesColumn(s, f[name]))
 		}
 	}
 }
 
 // TestBalanceHeadlines is the balance-quality table's headline rows, small
-// enough for every run of the suite (20 000 requests a row, a new seed
-// each run), with bounds a little looser than the full table's targets.
+// enough for every run of the suite (20 000 requests a row, more where a
+// row needs a long run, a new seed each run), with bounds a little looser
+// than the full table's targets.
 func TestBalanceHeadlines(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d (BALANCER_QUALITY_SEED=%d BALANCER_QUALITY=20000 go test -run TestBalanceQuality -v . prints its table)", seed, seed)
-	rows := map[string]struct {
-		name  string
-		ratio func(q map[string][3]time.Duration) float64
-		most  float64
-	}{
-		"equal 0.9": {"p99 ÷ shared", func(q map[string][3]time.Duration) float64 {
-			return float64(q["estimate"][1]) / float64(q["shared"][1])
-		}, 1.05},
-		"2 of 8 4× slower 0.7": {"p99 ÷ shared", func(q map[string][3]time.Duration) float64 {
-			return float64(q["estimate"][1]) / float64(q["shared"][1])
-		}, 0.65},
-		"2 of 8 at 1/10 for 400 ms of 2 s 0.5": {"p99 ÷ oracle", func(q map[string][3]time.Duration) float64 {
-			return float64(q["estimate"][1]) / float64(q["oracle"][1])
-		}, 1.4},
-		"8 of depth 8, one stops for 3 s 0.5": {"p99.9 ÷ no stall", func(q map[string][3]time.Duration) float64 { return float64(q["estimate"][2]) / float64(q[noStall][2]) }, 2},
+	p99 := func(name, over string) func(f map[string]figures) float64 {
+		return func(f map[string]figures) float64 { return float64(f[name].q[1]) / float64(f[over].q[1]) }
+	}
+	type bound struct {
+		name    string
+		get     func(f map[string]figures) float64
+		lo, hi  float64
+		request int // requests in the row, if not 20 000
+	}
+	rows := map[string][]bound{
+		"4 equal 0.1": {
+			{"least share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].least }, 0.75, math.Inf(1), 0},
+			{"most share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].most }, 0, 1.25, 0},
+		},
+		"equal 0.1": {
+			{"least share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].least }, 0.75, math.Inf(1), 0},
+			{"most share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].most }, 0, 1.25, 0},
+		},
+		"equal 0.9":                            {{"p99 ÷ shared", p99("estimate", "shared"), 0, 1.05, 0}},
+		"2 of 8 4× slower 0.7":                 {{"p99 ÷ shared", p99("estimate", "shared"), 0, 0.65, 0}},
+		"2 of 8 at 1/10 for 400 ms of 2 s 0.5": {{"p99 ÷ oracle", p99("estimate", "oracle"), 0, 1.4, 0}},
+		"8 of depth 8, one stops for 3 s 0.5": {{"p99.9 ÷ no stall", func(f map[string]figures) float64 {
+			return float64(f["estimate"].q[2]) / float64(f[noStall].q[2])
+		}, 0, 2, 0}},
+		"1 of 8 10× slower for 2 s of 40 s 0.2": {{"slow worker's share ÷ fair in the 8 s after", func(f map[string]figures) float64 {
+			return f["estimate"].soon
+		}, 0.4, math.Inf(1), 80_000}},
 	}
 	for _, s := range scenarios() {
-		key := fmt.Sprintf("%s %.1f", s.name, s.load)
-		row, ok := rows[key]
+		key := fmt.Sprintf("%s %.2g", s.name, s.load)
+		bounds, ok := rows[key]
 		if !ok {
 			continue
 		}
-		q := measure(t, s, []string{"shared", "estimate", "oracle", noStall}, seed, 20_000)
-		got := row.ratio(q)
-		t.Logf("%s: %s %.2f", key, row.name, got)
-		assert.LessOrEqual(t, got, row.most, "%s: %s", key, row.name)
+		n := cmp.Or(bounds[0].request, 20_000)
+		f := measure(t, s, []string{"shared", "estimate", "oracle", noStall}, seed, n)
+		for _, b := range bounds {
+			got := b.get(f)
+			t.Logf("%s: %s %.2f", key, b.name, got)
+			assert.True(t, got >= b.lo && got <= b.hi, "%s: %s %.2f, want %.2f to %.2f", key, b.name, got, b.lo, b.hi)
+		}
 	}
 }
 
@@ -625,7 +736,8 @@ func BenchmarkBalance(b *testing.B) {
 				var lat []time.Duration
 				for i := range b.N {
 					w := newWorkload(s, uint64(i), 2000)
-					lat = append(lat, offer(b, s, w, name)...)
+					l, _ := offer(b, s, w, name)
+					lat = append(lat, l...)
 				}
 				slices.Sort(lat)
 				for k, p := range []float64{0.5, 0.99, 0.999} {

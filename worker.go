@@ -85,6 +85,13 @@ type worker[Req, Res any] struct {
 	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
 	silent  int     // requests dispatched to it since it last completed one (see freshen)
 	removed bool
+	// key's cache: the step of the scale for an expected time keyOf, with
+	// the common ground at keyRef.
+	keyOf, keyRef, key float64
+	impatience         int   // its estimate expires after staleAfter << impatience (see stale)
+	probing            bool  // it was given a request because its estimate had expired
+	probeSeen          int64 // seen when that probe was dispatched
+	inLine             int   // completions in a row since, with an estimate in line with its prior (see trusted)
 
 	// runners[i] describes slot i to the other goroutines; the slot's
 	// goroutine writes it.
@@ -96,6 +103,8 @@ type worker[Req, Res any] struct {
 	completed atomic.Uint64 // outcomes this worker delivered; its slots write the rest
 	running   atomic.Int64  // requests a slot has taken and not finished
 	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
+	seen      atomic.Int64  // b.now() when the latest run folded into service ended
+	observed  atomic.Int64  // runs folded into service
 	wait      atomic.Int64  // moving average of the waits of the requests it started, in ns
 	waited    atomic.Int64  // the sum of those waits, in ns
 	failed    atomic.Uint64
@@ -187,7 +196,8 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 	}()
 	w.runners[i].since.Store(start)
 	res.Value, res.Err = w.fn(ctx, r.req)
-	w.observe(time.Duration(w.b.now() - start))
+	end := w.b.now()
+	w.observe(time.Duration(end-start), end)
 	returned = true
 }
 
