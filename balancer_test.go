@@ -823,7 +823,7 @@ func TestEstimateLearnsFromEverySlot(t *testing.T) {
 			got = append(got, h.s.cost(w)/float64(time.Millisecond))
 			require.True(t, h.dispatch(t))
 		}
-		assert.Equal(t, []float64{8, 8, 8, 8, 10, 12, 14, 16}, got)
+		assert.Equal(t, []float64{8, 10, 12, 14, 16, 18, 20, 22}, got, "(pending+4)/4 × 8 ms")
 		assert.Equal(t, math.Inf(1), h.s.cost(w), "full at 4 × 2")
 	})
 }
@@ -1382,7 +1382,7 @@ func TestStallAgeIsTheOldestSlots(t *testing.T) {
 			w.runners[i].since.Store(starts[p])
 		}
 		assert.Equal(t, int64(100*time.Millisecond), w.oldest(now), "starts %v", perm)
-		assert.Equal(t, 4*float64(100*time.Millisecond)/3, h.s.costAt(w, now), "starts %v", perm)
+		assert.Equal(t, (3+3)*float64(100*time.Millisecond)/3, h.s.costAt(w, now), "starts %v", perm)
 		for idle := range 3 {
 			if perm[idle] == 0 {
 				continue // the oldest
@@ -1715,14 +1715,10 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		w.observe(10*time.Millisecond, end) // a short gap: 1/16
 		assert.Equal(t, after+(int64(10*time.Millisecond)-after)/fallSmoothing, w.service.Load())
 		end += staleAfter + 1
-		w.observe(30*time.Millisecond, end) // expired, and no prior known: a new average
+		w.observe(30*time.Millisecond, end) // expired: a new average
 		assert.Equal(t, int64(30*time.Millisecond), w.service.Load())
-		h.b.ref.Store(int64(10 * time.Millisecond))
-		end += staleAfter + 1
-		w.observe(30*time.Millisecond, end) // expired: a new average, from the prior
-		assert.Equal(t, int64(20*time.Millisecond), w.service.Load())
-		w.observe(50*time.Millisecond, end+1) // its third run
-		assert.Equal(t, int64(30*time.Millisecond), w.service.Load())
+		w.observe(50*time.Millisecond, end+1) // its second run
+		assert.Equal(t, int64(40*time.Millisecond), w.service.Load())
 	})
 }
 

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -720,6 +721,225 @@ func TestBalanceHeadlines(t *testing.T) {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// A fleet is several clients, each with its own dispatcher, in front of
+// the same backends: what users who outgrow one process run. The clients
+// share the arrivals (each request goes to a client drawn at random, the
+// same for every kind of client), and see only their own requests; each backend serves concurrency requests at once and
+// queues the rest inside itself, in arrival order, as a server does. So a
+// backend's latency carries every client's load. The fleet scenarios are
+// the rows of TestFleetQuality; only a scenario's workers (the backends),
+// concurrency, load, speeds and brownout count.
+func fleetScenarios() []scenario {
+	backends := scenario{workers: 8, concurrency: 4, depth: 1}
+	var all []scenario
+	add := func(name string, base scenario, loads ...float64) {
+		for _, l := range loads {
+			s := base
+			s.name, s.load = name, l
+			all = append(all, s)
+		}
+	}
+	add("equal", backends, 0.5, 0.8)
+	slow := backends
+	slow.slow, slow.factor = 1, 4
+	add("1 of 8 4× slower", slow, 0.5)
+	brown := backends
+	brown.slow, brown.factor = 1, 10
+	brown.period, brown.from, brown.length = 10*time.Second, time.Second, 2*time.Second
+	add("1 of 8 at 1/10 for 2 s of 10 s", brown, 0.5)
+	return all
+}
+
+// fleetDispatchers are the fleet table's dispatchers, each for k clients:
+// "balancer" is k Balancers at the defaults, each with one worker of the
+// backends' concurrency per backend; "p2c" and "roundrobin" are k clients
+// that send each request to a backend at once, picked by the requests
+// they have pending there (of two drawn at random) or in turn; "shared" is
+// one queue that every backend's slots serve, the ideal a fleet of clients
+// cannot have.
+var fleetDispatchers = []string{"balancer", "count", "p2c", "roundrobin"}
+
+// directClient sends each request straight to a backend it picks, as a
+// client-side balancer without a queue of its own does.
+type directClient struct {
+	fns     []balancer.Func[int, int]
+	pending []atomic.Int64
+	next    atomic.Uint64
+	pick    func(c *directClient) int
+}
+
+func (c *directClient) Do(ctx context.Context, req int) (int, error) {
+	i := c.pick(c)
+	c.pending[i].Add(1)
+	defer c.pending[i].Add(-1)
+	return c.fns[i](ctx, req)
+}
+
+func (c *directClient) Close() error { return nil }
+
+// offerFleet offers w to k clients named name in front of s's backends
+// and returns each request's latency and the backend that served it.
+func offerFleet(t testing.TB, s scenario, w workload, name string, k int) (lat []time.Duration, who []int) {
+	lat, who = make([]time.Duration, len(w.at)), make([]int, len(w.at))
+	start := time.Now()
+	fns := make([]balancer.Func[int, int], s.workers)
+	for i := range fns {
+		slots := make(chan struct{}, s.concurrency) // a send waits in line, FIFO, like a request inside a server
+		fns[i] = func(ctx context.Context, req int) (int, error) {
+			slots <- struct{}{}
+			who[req] = i
+			at := time.Since(start)
+			time.Sleep(time.Duration(float64(w.size[req]) * s.slowdown(i, at) * float64(time.Millisecond)))
+			<-slots
+			return req, nil
+		}
+	}
+	serve := func(i int) balancer.Func[int, int] { return fns[i] }
+	clients := make([]dispatcher, k)
+	for c := range clients {
+		switch name {
+		case "balancer", "count":
+			b, err := balancer.New(0, fns[0], balancer.WithConcurrency(s.concurrency), balancer.WithLoadEstimate(name == "balancer"))
+			require.NoError(t, err)
+			for i := range s.workers {
+				_, err := b.AddWorker(serve(i))
+				require.NoError(t, err)
+			}
+			clients[c] = b
+		case "p2c":
+			clients[c] = &directClient{fns: fns, pending: make([]atomic.Int64, s.workers), pick: func(d *directClient) int {
+				i, j := rand.IntN(len(d.fns)), rand.IntN(len(d.fns)-1)
+				if j >= i {
+					j++
+				}
+				if d.pending[j].Load() < d.pending[i].Load() {
+					return j
+				}
+				return i
+			}}
+		case "roundrobin":
+			d := &directClient{fns: fns, pending: make([]atomic.Int64, s.workers), pick: func(d *directClient) int {
+				return int(d.next.Add(1) % uint64(len(d.fns)))
+			}}
+			d.next.Store(rand.Uint64()) // clients start at random places in their turns
+			clients[c] = d
+		case "shared":
+			clients[c] = newSharedPool(s.workers, s.concurrency, serve)
+		default:
+			t.Fatalf("unknown fleet dispatcher %q", name)
+		}
+	}
+	var wg sync.WaitGroup
+	pick := rand.New(rand.NewPCG(uint64(k), 3))
+	for i, at := range w.at {
+		due := start.Add(at)
+		time.Sleep(time.Until(due))
+		d := clients[pick.IntN(k)]
+		wg.Go(func() {
+			_, err := d.Do(context.Background(), i)
+			assert.NoError(t, err)
+			lat[i] = time.Since(due)
+		})
+	}
+	wg.Wait()
+	for _, d := range clients {
+		require.NoError(t, d.Close())
+	}
+	return lat, who
+}
+
+// fleetRow is one line of the fleet table: k clients of one kind.
+type fleetRow struct {
+	name string
+	k    int
+}
+
+func (r fleetRow) String() string {
+	if r.name == "shared" {
+		return "shared queue (ideal)"
+	}
+	if r.k == 1 {
+		return "one " + r.name + ", all the load"
+	}
+	return fmt.Sprintf("%d × %s", r.k, r.name)
+}
+
+// fleetRows lists the fleet table's lines for a scenario, each kind of
+// client at k = 1, 4 and 16, then the shared queue.
+func fleetRows() []fleetRow {
+	var rows []fleetRow
+	for _, name := range fleetDispatchers {
+		for _, k := range []int{1, 4, 16} {
+			rows = append(rows, fleetRow{name, k})
+		}
+	}
+	return append(rows, fleetRow{"shared", 1})
+}
+
+// measureFleet replays one seeded workload of n requests to every line of
+// the fleet table and returns each one's latency quantiles (see
+// quantiles) and the backends' shares of the requests in the scenario's
+// window, each ÷ a fair share.
+func measureFleet(t *testing.T, s scenario, rows []fleetRow, seed uint64, n int) (map[fleetRow][3]time.Duration, map[fleetRow][]float64) {
+	w := newWorkload(s, seed, n)
+	q, sh := map[fleetRow][3]time.Duration{}, map[fleetRow][]float64{}
+	for _, r := range rows {
+		var lat []time.Duration
+		var who []int
+		synctest.Test(t, func(t *testing.T) { lat, who = offerFleet(t, s, w, r.name, r.k) })
+		q[r] = quantiles(s, w, lat)
+		n := make([]float64, s.workers)
+		var all float64
+		for i, at := range w.at {
+			if s.window(at) {
+				n[who[i]]++
+				all++
+			}
+		}
+		for i := range n {
+			n[i] *= float64(s.workers) / all
+		}
+		sh[r] = n
+	}
+	return q, sh
+}
+
+// TestFleetQuality prints the fleet table: k clients of each kind in
+// front of the same backends, the same arrivals for each line (see
+// fleetScenarios), in fake time. Like TestBalanceQuality it runs when
+// BALANCER_QUALITY sets the requests per row, BALANCER_QUALITY_SEED
+// replays a seed and BALANCER_QUALITY_ONLY picks scenarios.
+func TestFleetQuality(t *testing.T) {
+	n, err := strconv.Atoi(os.Getenv("BALANCER_QUALITY"))
+	if err != nil {
+		t.Skip("set BALANCER_QUALITY=<requests per row> to print the fleet table")
+	}
+	seed := uint64(time.Now().UnixNano())
+	if s, err := strconv.ParseUint(os.Getenv("BALANCER_QUALITY_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	only := regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
+	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
+	fmt.Println("| backends | load | clients | p50 ms | p99 ms | p99.9 ms | p99 ÷ one balancer | backends' shares ÷ fair |")
+	fmt.Println("|---|---|---|---|---|---|---|---|")
+	rows := fleetRows()
+	for _, s := range fleetScenarios() {
+		if !only.MatchString(fmt.Sprintf("%s %.2g", s.name, s.load)) {
+			continue
+		}
+		q, sh := measureFleet(t, s, rows, seed, n)
+		one := q[fleetRow{"balancer", 1}]
+		for _, r := range rows {
+			var shares []string
+			for _, x := range sh[r] {
+				shares = append(shares, fmt.Sprintf("%.2f", x))
+			}
+			fmt.Printf("| %s | %.2g | %s | %.1f | %.1f | %.1f | %.2f | %s |\n", s.name, s.load, r,
+				ms(q[r][0]), ms(q[r][1]), ms(q[r][2]), float64(q[r][1])/float64(one[1]), strings.Join(shares, " "))
+		}
+	}
+}
 
 // BenchmarkBalance is the balance-quality table's main rows in real time,
 // 2000 requests each, so that real overheads (timers, wake-ups, the

@@ -26,11 +26,12 @@ type sched[Req, Res any] struct {
 
 	// The estimates' common ground, with the load estimate only (see
 	// expect and key).
-	now       int64         // the latest completion's clock reading: the loop's time without reading the clock
-	ref       float64       // the workers' median service time × weight, in ns; 0 before any observation
-	published *atomic.Int64 // ref, for the slots (see observe); nil in tests that need none
-	refreshed int64         // now at the last reckon
-	scratch   []float64     // reckon's, kept to spare an allocation each time
+	now       int64     // the latest completion's clock reading: the loop's time without reading the clock
+	ref       float64   // the workers' median service time × weight, in ns; 0 before any observation
+	refreshed int64     // now at the last reckon
+	completed int64     // completions taken
+	reckonAt  int64     // the next count of completions at which to reckon (see complete)
+	scratch   []float64 // reckon's, kept to spare an allocation each time
 
 	// Holding back, with the load estimate only (see holdBack).
 	busy     int     // full workers with a mean service time
@@ -229,7 +230,7 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 	if now != 0 && t > 0 { // with no estimate at all, the count rule stands
 		t = max(t, float64(w.oldest(now)))
 	}
-	n := max(w.pending+1, w.concurrency)
+	n := w.pending + w.concurrency
 	return float64(n) * s.key(w, t) / float64(w.concurrency)
 }
 
@@ -263,34 +264,40 @@ func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 // costs one slow request every maxPatience at most, and a probe that finds
 // it as fast as its prior sets it back (see probed).
 func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
-	return s.now-w.seen.Load() > staleAfter<<w.impatience
+	return float64(s.now-w.seen.Load()) > float64(staleAfter<<w.impatience)/math.Sqrt(float64(w.concurrency))
 }
 
 // probed records that w's probe completed, once the loop has taken its
-// completion. If it ran, the loop becomes twice as patient with the
-// worker (see stale), whatever the run showed: one run of a Func says
-// little, and a worker that recovered proves it in regular use (see
-// trusted). If it did not run, the estimate is still expired and the
-// next dispatch to the worker probes again.
+// completion. If its run put the worker off the centre step (see key),
+// the loop becomes twice as patient with the worker (see stale); if the
+// run was in line, patience stands until regular use confirms it (see
+// trusted): one run of a Func says little. If the probe did not run, the
+// estimate is still expired and the next dispatch to the worker probes
+// again.
 func (s *sched[Req, Res]) probed(w *worker[Req, Res]) {
 	w.probing = false
-	if w.seen.Load() != w.probeSeen {
+	if w.seen.Load() != w.probeSeen && !s.inLine(w) {
 		w.impatience = min(w.impatience+1, maxImpatience)
 	}
 }
 
-// trusted counts w's completions in regular use whose estimate is in line
-// with its prior (on the prior's step of the scale, see key), and after
-// trustAfter in a row makes the loop as patient with it as with any
-// worker.
+// trusted counts w's completions in regular use with an estimate in line,
+// and after trustAfter in a row makes the loop as patient with it as with
+// any worker.
 func (s *sched[Req, Res]) trusted(w *worker[Req, Res]) {
-	if float64(w.service.Load()) > math.Sqrt(bucket)*s.ref/w.weight {
+	if !s.inLine(w) {
 		w.inLine = 0
 		return
 	}
 	if w.inLine++; w.inLine >= trustAfter {
 		w.impatience, w.inLine = 0, 0
 	}
+}
+
+// inLine reports whether w's moving average is on the centre step of the
+// scale, with the workers of the usual speed (see key).
+func (s *sched[Req, Res]) inLine(w *worker[Req, Res]) bool {
+	return float64(w.service.Load()) <= bucket*s.ref/w.weight
 }
 
 // key rounds t, an expected time of w, to a step of a logarithmic scale
@@ -310,10 +317,9 @@ func (s *sched[Req, Res]) key(w *worker[Req, Res], t float64) float64 {
 	}
 	t0, r := max(t, equalFloor), max(s.ref, equalFloor)
 	k := math.Log(t0/r) / math.Log(bucket)
-	switch {
-	case math.Abs(k) <= 1: // the centre step is two wide: noise about the median stays on it
-		k = 0
-	default:
+	if math.Abs(k) <= 1 {
+		k = 0 // the centre step is two wide: the usual noise about the median stays on it
+	} else {
 		k = math.Round(k)
 	}
 	w.keyOf, w.keyRef, w.key = t, s.ref, r*math.Pow(bucket, k)
@@ -414,7 +420,7 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 		return
 	}
 	s.now = max(s.now, w.seen.Load())
-	if s.ref == 0 && w.service.Load() != 0 || s.now-s.refreshed >= reckonEvery {
+	if s.completed++; s.completed >= s.reckonAt || s.now-s.refreshed >= reckonEvery {
 		s.reckon()
 	}
 }
@@ -442,6 +448,14 @@ func (s *sched[Req, Res]) refresh() {
 // of time with completions (and once at the first observation).
 func (s *sched[Req, Res]) reckon() {
 	s.refreshed = s.now
+	if s.ref == 0 || s.completed >= s.reckonAt {
+		// Until the estimates are many, ref follows them closely:
+		// reckon at the 1st, 2nd, 4th, … completion, O(n log n) in
+		// all, the last once every worker could have a few runs.
+		if s.reckonAt = 2 * max(s.completed, 1); s.reckonAt > 8*int64(s.pool.Len()) {
+			s.reckonAt = math.MaxInt64
+		}
+	}
 	xs := s.scratch[:0]
 	for i := range s.pool.slots {
 		w := s.pool.slots[i].w
@@ -452,9 +466,6 @@ func (s *sched[Req, Res]) reckon() {
 	if len(xs) > 0 {
 		slices.Sort(xs)
 		s.ref = xs[(len(xs)-1)/2] // the lower median: of two, the faster
-		if s.published != nil {
-			s.published.Store(int64(s.ref))
-		}
 	}
 	s.scratch = xs
 	s.refresh()
@@ -548,8 +559,7 @@ func ewma(a *atomic.Int64, d int64) {
 // a gap of g since the worker's last moves it at least 1 − e^(-g/decay)
 // of the way, as the estimate has decayed meanwhile (see expect); after a
 // gap of more than staleAfter the estimate had expired, and the run
-// starts a new mean from the worker's prior, which counts as the first
-// run. w's slots call it concurrently; each observation counts once.
+// starts a new mean. w's slots call it concurrently; each observation counts once.
 func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	d = max(d, 1) // zero means "no observation"
 	n := min(w.observed.Add(1), fallSmoothing)
@@ -581,16 +591,11 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	}
 }
 
-// restart starts w's moving average anew with a run of d, after its
-// estimate expired: the mean of d and the worker's prior, as the second
-// observation, or d alone when no prior is known yet.
+// restart starts w's moving average anew with a run of d, its first,
+// after its estimate expired.
 func (w *worker[Req, Res]) restart(d time.Duration) {
-	next, n := int64(d), int64(1)
-	if prior := float64(w.b.ref.Load()) / w.weight; prior > 0 {
-		next, n = (int64(prior)+int64(d))/2, 2
-	}
-	w.service.Store(next)
-	w.observed.Store(n)
+	w.service.Store(int64(d))
+	w.observed.Store(1)
 }
 
 // holdMargin is how much sooner waiting must be expected to finish a
