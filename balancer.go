@@ -303,7 +303,8 @@ type Balancer[Req, Res any] struct {
 	sleeping atomic.Bool   // the loop waits for completions, among other things, and wants a wake
 	wake     chan struct{} // capacity 1: wakes a sleeping loop (see report)
 	roster   atomic.Pointer[roster[Req, Res]]
-	hooks    *hooks // nil outside tests
+	ref      atomic.Int64 // the scheduler's ref, published for the slots (see observe)
+	hooks    *hooks       // nil outside tests
 
 	// Owned by the select loop once it starts; New sets them up before.
 	sched    sched[Req, Res]
@@ -440,7 +441,7 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		workers:  make(map[int]*worker[Req, Res]),
 		hooks:    o.hooks,
 	}
-	b.sched = sched[Req, Res]{estimate: o.estimate, clock: b.now}
+	b.sched = sched[Req, Res]{estimate: o.estimate, clock: b.now, published: &b.ref}
 	if o.estimate {
 		b.nudge = make(chan struct{}, 1)
 		b.timer = time.NewTimer(time.Hour)

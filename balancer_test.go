@@ -183,6 +183,151 @@ func TestLightLoadSpreadsOverAllWorkers(t *testing.T) {
 	})
 }
 
+// Estimates that stay true (the load estimate, at the defaults).
+
+// Equal workers compare equal: sequential requests to four workers whose
+// Func takes 1 ms ± 5 % spread over all four, although their moving
+// averages differ by the noise.
+func TestEqualWorkersShareLightLoad(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	synctest.Test(t, func(t *testing.T) {
+		rng := rand.New(rand.NewPCG(seed, 1))
+		var mu sync.Mutex
+		jitter := func() time.Duration {
+			mu.Lock()
+			defer mu.Unlock()
+			return time.Duration(float64(time.Millisecond) * (0.95 + 0.1*rng.Float64()))
+		}
+		b := mustNew(t, 4, func(ctx context.Context, i int) (int, error) {
+			time.Sleep(jitter())
+			return i, nil
+		})
+		defer b.Close()
+		const requests = 400
+		got := make([]int, 4)
+		for i := range requests {
+			c, err := b.Submit(context.Background(), i)
+			require.NoError(t, err)
+			got[(<-c).Worker]++
+		}
+		t.Logf("requests per worker: %v", got)
+		for id, n := range got {
+			assert.True(t, n >= requests/5 && n <= requests*3/10, "worker %d ran %d of %d", id, n, requests)
+		}
+	})
+}
+
+// With no observation yet, dispatch is the count rule exactly, weights
+// included, however long the first requests have been running.
+func TestColdStartIsLeastPending(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		weights []float64
+		want    []int
+	}{
+		{"equal", []float64{1, 1, 1, 1}, []int{2, 2, 2, 2}},
+		{"weighted", []float64{1, 1, 2}, []int{2, 2, 4}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				release := make(chan struct{})
+				var specs []WorkerSpec[int, int]
+				for _, w := range tt.weights {
+					specs = append(specs, WorkerSpec[int, int]{
+						Func:    func(ctx context.Context, i int) (int, error) { <-release; return i, nil },
+						Options: []WorkerOption{WithWeight(w)},
+					})
+				}
+				b, err := NewFrom(specs, WithQueueDepth(4))
+				require.NoError(t, err)
+				defer b.Close()
+				var cs []<-chan Result[int, int]
+				for i := range 8 {
+					c, err := b.Submit(context.Background(), i)
+					require.NoError(t, err)
+					cs = append(cs, c)
+					time.Sleep(time.Millisecond) // the requests running grow older
+				}
+				assert.Equal(t, tt.want, pendings(b))
+				close(release)
+				for _, c := range cs {
+					assert.NoError(t, (<-c).Err)
+				}
+			})
+		})
+	}
+}
+
+// One slow first call does not exile a worker: four workers of 2 ms, and
+// worker 3's first call takes 10 ms; of 1000 requests through All it runs
+// its share.
+func TestSlowFirstCallDoesNotExile(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var first atomic.Bool
+		first.Store(true)
+		spec := WorkerSpec[int, int]{Func: sleeper(2 * time.Millisecond)}
+		slow := WorkerSpec[int, int]{Func: func(ctx context.Context, i int) (int, error) {
+			d := 2 * time.Millisecond
+			if first.CompareAndSwap(true, false) {
+				d = 10 * time.Millisecond
+			}
+			time.Sleep(d)
+			return i, nil
+		}}
+		b, err := NewFrom([]WorkerSpec[int, int]{spec, spec, spec, slow})
+		require.NoError(t, err)
+		defer b.Close()
+		got := make([]int, 4)
+		for _, r := range b.All(context.Background(), slices.Values(make([]int, 1000))) {
+			require.NoError(t, r.Err)
+			got[r.Worker]++
+		}
+		t.Logf("requests per worker: %v", got)
+		assert.GreaterOrEqual(t, got[3], 200, "worker 3 ran %d of 1000", got[3])
+	})
+}
+
+// A declared weight is the speed the estimate assumes until it has
+// measured: a new worker is expected to serve as its peers do, times its
+// weight. Two workers have learnt 8 ms; a third, new, is tried first (it
+// has waited longest) at weight 1 or 4, but at weight 1/4 it is expected
+// to take 32 ms, and gets no request while the others have room. At
+// weight 4 its first run counts 1.5 × 2 ms (see observe), so it still
+// looks faster and takes a second request; then it is one of three equal
+// workers.
+func TestWeightIsThePrior(t *testing.T) {
+	for _, tt := range []struct {
+		weight float64
+		want   []int
+	}{
+		{1, []int{2, 0, 1, 2}},
+		{4, []int{2, 2, 0, 1}},
+		{0.25, []int{0, 1, 0, 1}},
+	} {
+		t.Run(fmt.Sprint(tt.weight), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := mustNew(t, 2, sleeper(8*time.Millisecond))
+				defer b.Close()
+				for i := range 4 {
+					c, err := b.Submit(context.Background(), i)
+					require.NoError(t, err)
+					<-c
+				}
+				_, err := b.AddWorker(sleeper(8*time.Millisecond), WithWeight(tt.weight))
+				require.NoError(t, err)
+				var got []int
+				for i := range 4 {
+					c, err := b.Submit(context.Background(), i)
+					require.NoError(t, err)
+					got = append(got, (<-c).Worker)
+				}
+				assert.Equal(t, tt.want, got)
+			})
+		})
+	}
+}
+
 // 2. No deadlock: full buffers, backpressure, TrySubmit, callers that leave.
 func TestNoDeadlockWithFullBuffers(t *testing.T) {
 	const workers, depth = 3, 2
@@ -1004,8 +1149,15 @@ func TestHoldBackCountsSlots(t *testing.T) {
 				defer b.Close()
 				var cs []<-chan Result[int, int]
 				submit := func(i int) { cs = append(cs, how.call(t, b, i)) }
-				for i := range 3 { // both are new, so both are tried
+				for i := range 6 { // both are new, so both are tried, twice (see observe)
 					submit(i)
+					if i == 2 {
+						for _, c := range cs {
+							<-c
+						}
+						cs = nil
+						synctest.Wait()
+					}
 				}
 				for _, c := range cs {
 					<-c
@@ -1747,10 +1899,14 @@ func TestEstimateWaitsForAFastWorker(t *testing.T) {
 		slow, err := b.AddWorker(stallable(60 * time.Millisecond))
 		require.NoError(t, err)
 		submit := func(i int) <-chan Result[int, int] { return submitHeld(t, b, i) }
-		// Both are new, so both are tried: fast first by ID.
-		first, second := submit(1), submit(2)
-		assert.Equal(t, []int{fast, slow}, []int{(<-first).Worker, (<-second).Worker})
-		synctest.Wait()
+		// Both are new, so both are tried: fast first by ID, twice, so
+		// that slow's first run, which counts 1.5 × fast's, is replaced
+		// by its second (see observe).
+		for range 2 {
+			first, second := submit(1), submit(2)
+			assert.Equal(t, []int{fast, slow}, []int{(<-first).Worker, (<-second).Worker})
+			synctest.Wait()
+		}
 
 		// heldForFast submits two requests: the first takes fast, the
 		// second is held for it rather than sent to slow, and fast serves

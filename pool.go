@@ -28,6 +28,7 @@ type sched[Req, Res any] struct {
 	// expect and key).
 	now       int64     // the latest completion's clock reading: the loop's time without reading the clock
 	ref       float64   // the workers' median service time × weight, in ns; 0 before any observation
+	published *atomic.Int64 // ref, for the slots (see observe); nil in tests that need none
 	refreshed int64     // now at the last reckon
 	completed int64     // completions taken
 	reckonAt  int64     // the next count of completions at which to reckon (see complete)
@@ -429,8 +430,14 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 func (s *sched[Req, Res]) touch(w *worker[Req, Res]) { s.pool.touch(w, s.cost(w), w.perSlot()) }
 
 // perSlot is the count rule's cost: pending per slot, divided by weight,
-// counting one more request.
-func (w *worker[Req, Res]) perSlot() float64 { return float64(w.pending+1) * w.unit }
+// counting one more request. With the load estimate the weight stands for
+// a speed not yet measured, so it counts only until the first run.
+func (w *worker[Req, Res]) perSlot() float64 {
+	if w.service.Load() != 0 && w.b.sched.estimate {
+		return float64(w.pending+1) / float64(w.concurrency)
+	}
+	return float64(w.pending+1) * w.unit
+}
 
 // refresh recomputes every cost and re-sorts, after many changed at once.
 // O(n).
@@ -466,6 +473,9 @@ func (s *sched[Req, Res]) reckon() {
 	if len(xs) > 0 {
 		slices.Sort(xs)
 		s.ref = xs[(len(xs)-1)/2] // the lower median: of two, the faster
+		if s.published != nil {
+			s.published.Store(int64(s.ref))
+		}
 	}
 	s.scratch = xs
 	s.refresh()
@@ -551,9 +561,10 @@ func ewma(a *atomic.Int64, d int64) {
 }
 
 // observe folds one run time d of the Func, which ended at end (a clock
-// reading), into w's moving average. The first observations make a plain
-// running mean (the n-th moves it 1/n of the way), so that one slow first
-// call does not set a worker's estimate alone; from the riseSmoothing-th
+// reading), into w's moving average. The first run counts bucket times
+// the worker's prior at most, and the first runs make a plain running mean
+// (the n-th moves it 1/n of the way), so that one slow first call does not
+// set a worker's estimate; from the riseSmoothing-th
 // on a slower run moves it 1/riseSmoothing, and from the
 // fallSmoothing-th on a faster one 1/fallSmoothing. An observation after
 // a gap of g since the worker's last moves it at least 1 − e^(-g/decay)
@@ -574,7 +585,18 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	for {
 		old := w.service.Load()
 		next := int64(d)
-		if old != 0 {
+		switch {
+		case old == 0:
+			// A worker's first run counts as bucket times its prior at
+			// most, and then only until its second: a cold first call (a
+			// new connection, a GPU warming up) leaves it on the centre
+			// step (see key), and its next run says what it is worth.
+			if prior := float64(w.b.ref.Load()) / w.weight; prior > 0 && float64(next) > bucket*prior {
+				next = int64(bucket * prior)
+				w.provisional.Store(true)
+			}
+		case n == 2 && w.provisional.CompareAndSwap(true, false):
+		default:
 			k := min(n, fallSmoothing)
 			if next > old {
 				next, k = min(next, 4*old), min(n, riseSmoothing)

@@ -98,17 +98,18 @@ type worker[Req, Res any] struct {
 	runners []runner
 
 	// Written by their single owner, read by Stats.
-	assigned  atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
-	gone      atomic.Bool   // stored by the loop on RemoveWorker
-	completed atomic.Uint64 // outcomes this worker delivered; its slots write the rest
-	running   atomic.Int64  // requests a slot has taken and not finished
-	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
-	seen      atomic.Int64  // b.now() when the latest run folded into service ended
-	observed  atomic.Int64  // runs folded into service
-	wait      atomic.Int64  // moving average of the waits of the requests it started, in ns
-	waited    atomic.Int64  // the sum of those waits, in ns
-	failed    atomic.Uint64
-	panics    atomic.Uint64
+	assigned    atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
+	gone        atomic.Bool   // stored by the loop on RemoveWorker
+	completed   atomic.Uint64 // outcomes this worker delivered; its slots write the rest
+	running     atomic.Int64  // requests a slot has taken and not finished
+	service     atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
+	seen        atomic.Int64  // b.now() when the latest run folded into service ended
+	observed    atomic.Int64  // runs folded into service
+	provisional atomic.Bool   // service is the first run's, capped (see observe)
+	wait        atomic.Int64  // moving average of the waits of the requests it started, in ns
+	waited      atomic.Int64  // the sum of those waits, in ns
+	failed      atomic.Uint64
+	panics      atomic.Uint64
 }
 
 func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o workerOptions) *worker[Req, Res] {
