@@ -26,13 +26,13 @@ type sched[Req, Res any] struct {
 
 	// The estimates' common ground, with the load estimate only (see
 	// expect and key).
-	now       int64     // the latest completion's clock reading: the loop's time without reading the clock
-	ref       float64   // the workers' median service time × weight, in ns; 0 before any observation
+	now       int64         // the latest completion's clock reading: the loop's time without reading the clock
+	ref       float64       // the workers' median service time × weight, in ns; 0 before any observation
 	published *atomic.Int64 // ref, for the slots (see observe); nil in tests that need none
-	refreshed int64     // now at the last reckon
-	completed int64     // completions taken
-	reckonAt  int64     // the next count of completions at which to reckon (see complete)
-	scratch   []float64 // reckon's, kept to spare an allocation each time
+	refreshed int64         // now at the last reckon
+	completed int64         // completions taken
+	reckonAt  int64         // the next count of completions at which to reckon (see complete)
+	scratch   []float64     // reckon's, kept to spare an allocation each time
 
 	// Holding back, with the load estimate only (see holdBack).
 	busy     int     // full workers with a mean service time
