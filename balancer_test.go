@@ -328,6 +328,191 @@ func TestWeightIsThePrior(t *testing.T) {
 	}
 }
 
+// An estimate nobody refreshes expires after the worker's patience: the
+// worker then counts as its prior and takes one request, its probe, while
+// the old estimate stands for the rest. A probe that lands off the centre
+// step doubles the patience; regular runs in line set it back.
+func TestEstimatesExpire(t *testing.T) {
+	const ms = int64(time.Millisecond)
+	h := newHeapHarness(4, true)
+	h.fixRef(2 * time.Millisecond)
+	w := h.add(1)
+	w.observe(20*time.Millisecond, ms)
+	h.s.now = ms + staleAfter
+	assert.False(t, h.s.stale(w), "at its patience")
+	assert.Equal(t, float64(20*ms), h.s.expect(w))
+	h.s.now++
+	require.True(t, h.s.stale(w), "past its patience")
+	assert.Equal(t, float64(2*ms), h.s.expect(w), "expired: the prior")
+
+	h.s.touch(w)
+	h.s.dispatch()
+	require.True(t, w.probing)
+	assert.Equal(t, float64(20*ms), h.s.expect(w), "while the probe runs, the old estimate stands")
+	assert.Equal(t, 2*h.s.key(w, float64(20*ms)), h.s.cost(w), "so the worker takes no more than the probe")
+
+	h.s.complete(w) // the probe did not run
+	assert.False(t, w.probing)
+	assert.Zero(t, w.impatience)
+	assert.True(t, h.s.stale(w), "still expired: the next dispatch probes again")
+
+	h.s.dispatch()
+	require.True(t, w.probing)
+	end := h.s.now
+	w.observe(20*time.Millisecond, end) // a new mean: the worker is still slow
+	assert.Equal(t, 20*ms, w.service.Load())
+	h.s.complete(w)
+	assert.Equal(t, 1, w.impatience, "off the centre step: twice as patient")
+	h.s.now = end + 2*staleAfter
+	assert.False(t, h.s.stale(w))
+	h.s.now++
+	assert.True(t, h.s.stale(w))
+
+	h.s.dispatch()
+	end = h.s.now
+	w.observe(2*time.Millisecond, end) // it recovered
+	h.s.complete(w)
+	assert.Equal(t, 1, w.impatience, "one run in line leaves patience as it was")
+	for i := range trustAfter {
+		h.s.dispatch()
+		w.observe(2*time.Millisecond, end+int64(i+1)*ms)
+		h.s.complete(w)
+	}
+	assert.Zero(t, w.impatience, "trustAfter runs in line in a row set it back")
+
+	for range maxImpatience + 2 { // patience grows to a bound
+		h.s.now = w.seen.Load() + staleAfter<<maxImpatience + 1
+		h.s.touch(w)
+		h.s.dispatch()
+		w.observe(20*time.Millisecond, h.s.now)
+		h.s.complete(w)
+	}
+	assert.Equal(t, maxImpatience, w.impatience)
+
+	c4 := h.addWorker(workerOptions{concurrency: 4, weight: 1})
+	c4.observe(20*time.Millisecond, ms)
+	h.s.now = ms + staleAfter/2 + 1
+	assert.True(t, h.s.stale(c4), "four slots: half the patience")
+}
+
+// The common ground is the lower median of the workers' estimates, each
+// as a worker of weight 1 would serve; workers with no run do not count.
+func TestReckonTakesTheLowerMedian(t *testing.T) {
+	h := newHeapHarness(1, true)
+	for _, tt := range []struct {
+		d      time.Duration
+		weight float64
+	}{{4, 1}, {1, 1}, {2, 4}, {0, 1}} {
+		w := h.add(tt.weight)
+		if tt.d > 0 {
+			w.observe(tt.d*time.Millisecond, 0)
+		}
+	}
+	h.s.reckon()
+	assert.Equal(t, float64(4*time.Millisecond), h.s.ref, "of 4, 1 and 2 × 4 ms, the lower median")
+}
+
+// Workers whose estimates differ by less than a step either way of the
+// median (1.5×) compare equal and take turns; a worker twice as slow does
+// not.
+func TestEstimatesWithinAStepCompareEqual(t *testing.T) {
+	h := newHeapHarness(1, true)
+	h.fixRef(2 * time.Millisecond)
+	a, b, c := h.add(1), h.add(1), h.add(1)
+	a.observe(2*time.Millisecond, 0)
+	b.observe(2900*time.Microsecond, 0)
+	c.observe(4*time.Millisecond, 0)
+	for _, w := range []*worker[int, int]{a, b, c} {
+		h.s.touch(w)
+	}
+	assert.Equal(t, h.s.cost(a), h.s.cost(b), "2 and 2.9 ms")
+	assert.Less(t, h.s.cost(b), h.s.cost(c), "2.9 and 4 ms")
+	var got []int
+	for range 4 {
+		w := h.p.root()
+		got = append(got, w.id)
+		require.True(t, h.dispatch(t))
+		h.s.complete(w)
+	}
+	assert.Equal(t, []int{0, 1, 0, 1}, got)
+}
+
+// Through the loop, in fake time: worker 1 serves its first two requests
+// in 25 ms (the first counts as a cold call, the second shows it slow),
+// then requests arrive every 10 ms and go to worker 0, until worker 1's
+// estimate has gone unrefreshed for its patience (and the loop has
+// reckoned, every reckonEvery); then one request probes it. A worker
+// that recovered rejoins the rotation; one still slow is probed again
+// after twice the patience, and while a probe runs it takes nothing else.
+func TestStaleEstimateIsProbed(t *testing.T) {
+	for _, tt := range []struct {
+		name      string
+		slowRuns  int64 // worker 1's runs that take 25 ms
+		recovered bool
+	}{
+		{"recovered", 2, true},
+		{"still slow", 1 << 40, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				var runs atomic.Int64
+				b, err := NewFrom([]WorkerSpec[int, int]{
+					{Func: sleeper(2 * time.Millisecond)},
+					{Func: func(ctx context.Context, i int) (int, error) {
+						d := 2 * time.Millisecond
+						if runs.Add(1) <= tt.slowRuns {
+							d = 25 * time.Millisecond
+						}
+						time.Sleep(d)
+						return i, nil
+					}},
+				}, WithQueueDepth(4))
+				require.NoError(t, err)
+				defer b.Close()
+				start := time.Now()
+				type arrival struct {
+					at time.Duration
+					c  <-chan Result[int, int]
+				}
+				var arrivals []arrival
+				for i := range 1200 { // 12 s
+					c, err := b.Submit(context.Background(), i)
+					require.NoError(t, err)
+					arrivals = append(arrivals, arrival{time.Since(start), c})
+					time.Sleep(10 * time.Millisecond)
+				}
+				var ones []time.Duration // arrivals that went to worker 1
+				for _, a := range arrivals {
+					if r := <-a.c; r.Worker == 1 {
+						ones = append(ones, a.at)
+					}
+				}
+				require.GreaterOrEqual(t, len(ones), 3)
+				assert.Equal(t, []time.Duration{10 * time.Millisecond, 40 * time.Millisecond}, ones[:2],
+					"new, it takes turns; its cold first run leaves it in line")
+				seen := 65 * time.Millisecond // its second run ends
+				probe := ones[2]
+				patience := time.Duration(staleAfter)
+				assert.Greater(t, probe, seen+patience, "not before its patience")
+				assert.LessOrEqual(t, probe, seen+patience+time.Duration(reckonEvery)+10*time.Millisecond, "probed once the loop reckons")
+				if tt.recovered {
+					n := 0
+					for _, at := range ones[3:] {
+						if at <= probe+200*time.Millisecond {
+							n++
+						}
+					}
+					assert.Equal(t, 10, n, "back in turn: every other request of the next 20")
+					return
+				}
+				next := ones[3]
+				assert.Greater(t, next, probe+25*time.Millisecond+2*patience, "twice as patient after a slow probe")
+				assert.LessOrEqual(t, next, probe+25*time.Millisecond+2*patience+time.Duration(reckonEvery)+10*time.Millisecond)
+			})
+		})
+	}
+}
+
 // 2. No deadlock: full buffers, backpressure, TrySubmit, callers that leave.
 func TestNoDeadlockWithFullBuffers(t *testing.T) {
 	const workers, depth = 3, 2
@@ -1688,6 +1873,12 @@ func newHeapHarness(depth int, estimate bool) *heapHarness {
 	b := &Balancer[int, int]{depth: depth}
 	b.sched = sched[int, int]{estimate: estimate, clock: func() int64 { return 1 }}
 	return &heapHarness{b: b, s: &b.sched, p: &b.sched.pool}
+}
+
+// fixRef sets the scheduler's common ground and keeps it there: the
+// harness reckons no more.
+func (h *heapHarness) fixRef(ref time.Duration) {
+	h.s.ref, h.s.reckonAt, h.s.refreshed = float64(ref), math.MaxInt64, math.MaxInt64/2
 }
 
 // add adds a worker of concurrency 1 and the given weight.
