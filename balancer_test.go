@@ -326,6 +326,57 @@ func TestWeightIsThePrior(t *testing.T) {
 			})
 		})
 	}
+	// Under load the prior decides where a cost alone does: two workers
+	// of 8 ms, each with a request running and room for one more, and a
+	// new one of weight 4 (2 ms expected: it takes the next request) or
+	// 1/4 (32 ms: it does not).
+	for _, tt := range []struct {
+		weight float64
+		new    bool
+	}{{4, true}, {0.25, false}} {
+		t.Run(fmt.Sprint("busy peers, ", tt.weight), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				release := make(chan struct{})
+				fn := func(ctx context.Context, i int) (int, error) {
+					if i < 0 {
+						<-release
+					}
+					time.Sleep(8 * time.Millisecond)
+					return i, nil
+				}
+				b := mustNew(t, 2, fn, WithQueueDepth(2))
+				defer b.Close()
+				for i := range 4 {
+					c, err := b.Submit(context.Background(), i)
+					require.NoError(t, err)
+					<-c
+				}
+				var cs []<-chan Result[int, int]
+				for range 2 {
+					c, err := b.Submit(context.Background(), -1)
+					require.NoError(t, err)
+					cs = append(cs, c)
+				}
+				synctest.Wait()
+				require.Equal(t, []int{1, 1}, pendings(b))
+				id, err := b.AddWorker(fn, WithWeight(tt.weight))
+				require.NoError(t, err)
+				c, err := b.Submit(context.Background(), 0)
+				require.NoError(t, err)
+				cs = append(cs, c)
+				synctest.Wait()
+				want := []int{2, 1, 0}
+				if tt.new {
+					want = []int{1, 1, 1}
+				}
+				assert.Equal(t, want, pendings(b), "worker %d is new", id)
+				close(release)
+				for _, c := range cs {
+					assert.NoError(t, (<-c).Err)
+				}
+			})
+		})
+	}
 }
 
 // An estimate nobody refreshes expires after the worker's patience: the
@@ -410,6 +461,21 @@ func TestReckonTakesTheLowerMedian(t *testing.T) {
 	}
 	h.s.reckon()
 	assert.Equal(t, float64(4*time.Millisecond), h.s.ref, "of 4, 1 and 2 × 4 ms, the lower median")
+
+	// While the estimates are few, every completion that doubles their
+	// count reckons, however little time has passed.
+	h = newHeapHarness(1, true)
+	var want []time.Duration
+	var got []time.Duration
+	for i, d := range []time.Duration{8, 2, 4, 1} {
+		w := h.add(1)
+		h.s.dispatch()
+		w.observe(d*time.Millisecond, int64(i+1))
+		h.s.complete(w)
+		got = append(got, time.Duration(h.s.ref))
+	}
+	want = []time.Duration{8 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond, 2 * time.Millisecond}
+	assert.Equal(t, want, got, "after the 1st, 2nd (and 4th) completions")
 }
 
 // Workers whose estimates differ by less than a step either way of the
@@ -505,6 +571,7 @@ func TestStaleEstimateIsProbed(t *testing.T) {
 					assert.Equal(t, 10, n, "back in turn: every other request of the next 20")
 					return
 				}
+				require.GreaterOrEqual(t, len(ones), 4, "probed again")
 				next := ones[3]
 				assert.Greater(t, next, probe+25*time.Millisecond+2*patience, "twice as patient after a slow probe")
 				assert.LessOrEqual(t, next, probe+25*time.Millisecond+2*patience+time.Duration(reckonEvery)+10*time.Millisecond)
