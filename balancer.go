@@ -1,10 +1,11 @@
 // Package balancer dispatches requests to a set of workers so that each
 // request goes to the worker where it is expected to finish first: the
 // worker with the fewest requests pending (queued or running) per request
-// it can run at once, weighed by its measured speed. Among equally loaded
-// workers the one that has waited longest since its last request wins, so
-// light load spreads over all of them. With [WithLoadEstimate](false) the
-// rule is the plain count, which [WithWeight] can weigh by known speeds.
+// it can run at once, weighed by its measured speed. Speeds within noise
+// of each other compare as equal; among equally loaded workers the one
+// that has waited longest since its last request wins, so light load
+// spreads over all of them. With [WithLoadEstimate](false) the rule is the
+// plain count, which [WithWeight] can weigh by known speeds.
 //
 // A [Balancer] is a worker pool with a scheduler in front: like a pool it
 // runs a [Func] per worker on goroutines of its own, but each worker has a
@@ -175,29 +176,50 @@ type estimateOption bool
 
 func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 
-// WithLoadEstimate(false) turns off the load estimate, which is on by
-// default, and orders workers by pending requests per slot and weight
-// alone: the plain least-pending rule, which is all a pool of equal
-// workers needs.
+// WithLoadEstimate turns the load estimate on (the default) or off. Off,
+// workers are ordered by pending requests per slot and weight alone: the
+// plain least-pending rule, which is all a pool of equal workers needs.
 //
 // With the estimate, a request goes to the worker where it is expected to
 // finish first, judged by each worker's measured service time: for a
-// worker of concurrency c with p requests pending and mean service time s,
-// s if a slot is free, else s × (p+1)/c. So workers that differ in speed,
-// or whose speed changes (remote backends that brown out, shared GPUs),
-// need no configuration, and equal workers are ordered as by the count.
+// worker of concurrency c with p requests pending and expected service
+// time s, (p+c)/c × s, which is s while a slot is free, plus s/c for each
+// request pending there (a hedge against load the balancer cannot see,
+// such as other clients of the same backend). So workers that differ in
+// speed, or whose speed changes (remote backends that brown out, shared
+// GPUs), need no configuration.
 //
-// The mean is a moving average over the worker's recent requests, learned
-// from all its slots: a slower run moves it a quarter of the way, a faster
-// one a sixteenth (it notices a slowdown within a few requests and forgets
-// it cautiously), and a run counts four times the average at most, so one
-// stall does not exile a worker. A request running longer than its
-// worker's mean counts its age instead, so a worker that stalls stops
-// getting requests. A worker with no observation yet counts as fastest, so
-// new workers are tried at once; a worker that looks slow gets requests
-// again as soon as the others have enough queued, or are full, and each
-// one it serves corrects its average. Worker weights (WithWeight) are not
-// used with the estimate.
+// Equal means equal. The estimates compare on a scale of steps a factor
+// 1.5 apart, centred on the median worker's, whose centre step reaches a
+// step either way: workers within 1.5× of the median are on it, compare
+// as equal and are ordered by the count rule, so light load spreads over
+// all of them although their measured means differ by noise. Workers
+// twice as fast or slow as the median, or more, are told apart by their
+// second run.
+//
+// The expected service time is a moving average over the worker's recent
+// requests, learned from all its slots. The first runs make a plain mean,
+// and the very first counts 1.5 times the worker's prior at most until
+// the second replaces it, so one cold first call does not exile a worker.
+// After that a slower run moves it a quarter of the way, a faster one a
+// sixteenth (it notices a slowdown within a few requests and forgets it
+// cautiously), a run counts four times the average at most, and a run
+// after a gap g moves it at least 1 − e^(−g/10 s) of the way. A request
+// running longer than its worker's mean counts its age instead, so a
+// worker that stalls stops getting requests.
+//
+// Until it has run, a worker is expected to serve as its peers' median
+// does, divided by its weight (WithWeight): its prior. Before any worker
+// has run, dispatch is the count rule exactly, weights included.
+//
+// Estimates expire. One that no run has refreshed for 2 s (divided by √c)
+// counts as the worker's prior (from the loop's next look at every worker,
+// at most a quarter second later) for one request, a probe, so a worker that
+// looked slow and was not tried since (it recovered) is tried again at any
+// load; its probe starts a new mean. Each probe that finds the worker
+// still slow doubles the wait before the next, up to 32 s, so a worker
+// that is slow for good costs one slow request that often at most; runs
+// in line set it back.
 //
 // The balancer also holds requests back: when every fast worker is full
 // and only a slow one has room, a request waits in Do or Submit for a fast
@@ -231,15 +253,16 @@ type weightOption float64
 func (w weightOption) apply(o *options)             { o.worker.weight = float64(w) }
 func (w weightOption) applyWorker(o *workerOptions) { o.weight = float64(w) }
 
-// WithWeight gives a worker a speed relative to the others (default 1),
-// for a balancer with WithLoadEstimate(false), which does not measure
-// speeds: a worker of weight 2 is taken to serve each request twice as
-// fast, so it is preferred while it has up to twice the pending requests
-// per slot of a weight-1 worker. (A worker that serves more requests at
-// once, rather than each faster, wants WithConcurrency.) With the load
-// estimate, the default, the measured speed decides and the weight is only
-// reported in Stats. Rejected with ErrInvalidArgument unless positive and
-// finite.
+// WithWeight gives a worker a speed relative to the others (default 1): a
+// worker of weight 2 is taken to serve each request twice as fast. With
+// WithLoadEstimate(false), which does not measure speeds, it is preferred
+// while it has up to twice the pending requests per slot of a weight-1
+// worker. With the load estimate, the default, the weight is the speed
+// assumed until the worker has run (its expected service time is its
+// peers' median ÷ weight), and it breaks ties among workers that have not
+// run; after that the measured speed decides. (A worker that serves more
+// requests at once, rather than each faster, wants WithConcurrency.)
+// Rejected with ErrInvalidArgument unless positive and finite.
 func WithWeight(w float64) WorkerOption { return weightOption(w) }
 
 // A Balancer sends each request to the worker where it is expected to
@@ -251,8 +274,10 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // or queued (WithQueueDepth, default 1: nothing queued at the worker). Its
 // load is the expected time to finish one more request there, from its
 // measured service time and pending requests (or, with
-// WithLoadEstimate(false), pending ÷ (c × weight)). When every worker is at
-// its limit, requests wait in front of the balancer, in Do or Submit.
+// WithLoadEstimate(false), pending ÷ (c × weight)); an estimate that no
+// run has refreshed for a while expires, and the worker is tried again.
+// When every worker is at its limit, requests wait in front of the
+// balancer, in Do or Submit.
 //
 // Most callers want Do, which runs one request and returns its result.
 // Submit returns at once with a channel for the result, for callers that

@@ -207,15 +207,17 @@ func (p *pool[Req, Res]) dispatched(cost, load float64, seq int64) {
 
 // cost is the pool's sort key: the expected wait for one more request at w,
 // in units that only need to compare. With the load estimate (the default)
-// it is the expected time to finish one more request: the worker's
-// expected service time t (see expect) if a slot is free, else t ×
-// (pending+1)/concurrency, the time for the requests ahead to drain
-// through all slots; t is the age of the oldest request running instead if
-// that is more (see freshen), and rounded so that workers whose speeds
-// differ by noise compare equal (see key). Without the estimate it is the
-// requests w would then have per slot, divided by its weight. Either way,
-// workers of equal cost are ordered by that count (see Less). A full
-// worker costs +Inf: the root has room whenever any worker has.
+// it is (pending+concurrency)/concurrency × t, t the worker's expected
+// service time (see expect): t while a slot is free, plus t/concurrency
+// for each request pending, so that of two workers with free slots the
+// less loaded wins, a hedge against load the balancer cannot see (other
+// clients of the same backend); t is the age of the oldest request
+// running instead if that is more (see freshen), and rounded so that
+// workers whose speeds differ by noise compare equal (see key). Without
+// the estimate it is the requests w would then have per slot, divided by
+// its weight. Either way, workers of equal cost are ordered by that count
+// (see Less). A full worker costs +Inf: the root has room whenever any
+// worker has.
 func (s *sched[Req, Res]) cost(w *worker[Req, Res]) float64 { return s.costAt(w, 0) }
 
 // costAt is cost counting the running requests' ages as of now, a clock
@@ -328,19 +330,21 @@ func (s *sched[Req, Res]) key(w *worker[Req, Res], t float64) float64 {
 }
 
 // The estimates' constants (see observe, expect, stale, key and
-// reckon). An observation after a gap g since the worker's last moves its
-// average at least 1 − e^(-g/decay) of the way, the time decay of
-// peak-EWMA balancers (10 s there too). An estimate not refreshed for
-// staleAfter << impatience expires. Steps of the scale on which
-// estimates compare are bucket apart. Measured in TestBalanceQuality
-// (50 000 requests a row, two seeds): with steps of 1.25 the least of
-// eight equal workers' shares at load 0.1 was 0.84 of fair, with 1.5
-// 0.83–0.89 and with 2 0.93; but steps of 2 let a worker 4× slower look
-// 2× slower, and with two such workers at load 0.5 it got six times its
-// requests at 1.5 and p99 went from 7.3 to 8.0 ms. Patience of 1 s probed
-// the workers of a 400 ms brownout between brownouts (p99 10 ms against
-// 8.3 ms at 2 s); the recovered worker's share in the 8 s after was
-// 0.59–0.97 of fair at 2 s, 0.91–0.97 at 1 s.
+// reckon). A run after a gap g since the worker's last moves its average
+// at least 1 − e^(-g/decay) of the way, the time decay of peak-EWMA
+// balancers (10 s there too). An estimate not refreshed for staleAfter <<
+// impatience, divided by √concurrency (a worker of more slots is refreshed
+// more often), expires. The scale's steps are bucket apart. Measured in
+// TestBalanceQuality at 50 000 requests a row, seeds 1 and 2: a patience
+// of 1 s probed the workers of the 400 ms-of-2 s brownout between
+// brownouts, p99 10.0 ms in both against 8.3 and 8.0 at 2 s, while the
+// recovered worker's share in the 8 s after was 0.91–0.97 of fair at 1 s
+// and 0.59–0.95 at 2 s. Steps of 2 let a worker 4× slower, whose average
+// settles near 2.3× the median's, share the centre step with the fast
+// ones (p99 of two such of eight at load 0.5: 8.0 ms in both, against 7.5
+// and 7.2 with steps of 1.5). Without the centre step reaching a step
+// either way, the least of eight equal workers' shares at load 0.1 was
+// 0.80–0.82 of fair in two headline runs; with it 0.91–0.95 in three.
 const (
 	decay         = 10 * time.Second
 	decayFrom     = int64(decay / 256) // shorter gaps are not weighed: e^(-1/256) > 0.996
@@ -561,16 +565,17 @@ func ewma(a *atomic.Int64, d int64) {
 }
 
 // observe folds one run time d of the Func, which ended at end (a clock
-// reading), into w's moving average. The first run counts bucket times
-// the worker's prior at most, and the first runs make a plain running mean
-// (the n-th moves it 1/n of the way), so that one slow first call does not
-// set a worker's estimate; from the riseSmoothing-th
-// on a slower run moves it 1/riseSmoothing, and from the
-// fallSmoothing-th on a faster one 1/fallSmoothing. An observation after
-// a gap of g since the worker's last moves it at least 1 − e^(-g/decay)
-// of the way, as the estimate has decayed meanwhile (see expect); after a
-// gap of more than staleAfter the estimate had expired, and the run
-// starts a new mean. w's slots call it concurrently; each observation counts once.
+// reading), into w's moving average. The first runs make a plain running
+// mean (the n-th moves it 1/n of the way), and the first of all counts
+// bucket times the worker's prior at most, until the second replaces it,
+// so that one slow first call does not set a worker's estimate. From the
+// riseSmoothing-th run on a slower run moves it 1/riseSmoothing, and from
+// the fallSmoothing-th on a faster one 1/fallSmoothing. A run after a gap
+// g since the worker's last moves it at least 1 − e^(-g/decay) of the
+// way: the older the average, the less it counts. After a gap of more
+// than staleAfter the estimate had expired (see stale), and the run
+// starts a new mean. w's slots call it concurrently; each observation
+// counts once.
 func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	d = max(d, 1) // zero means "no observation"
 	n := min(w.observed.Add(1), fallSmoothing)
