@@ -227,7 +227,7 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 		return math.Inf(1)
 	}
 	if !s.estimate {
-		return w.perSlot()
+		return s.perSlot(w)
 	}
 	t := s.expect(w)
 	if now != 0 && t > 0 { // with no estimate at all, the count rule stands
@@ -250,14 +250,17 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 // as it can hold.
 func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 	prior := s.ref / w.weight
-	t := w.service.Load()
+	t := float64(w.service.Load())
 	if t == 0 || prior == 0 {
-		return max(float64(t), prior)
+		return max(t, prior)
 	}
-	if s.stale(w) && !w.probing {
+	// Only an estimate off the centre step on the slow side can keep a
+	// worker from being tried; at or below it, expiring changes little,
+	// and skipping the check keeps it off the common path.
+	if t > bucket*prior && !w.probing && s.stale(w) {
 		return prior
 	}
-	return float64(t)
+	return t
 }
 
 // stale reports whether w's estimate is older than its patience: how
@@ -267,7 +270,7 @@ func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 // costs one slow request every maxPatience at most, and a probe that finds
 // it as fast as its prior sets it back (see probed).
 func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
-	return float64(s.now-w.seen.Load()) > float64(staleAfter<<w.impatience)/math.Sqrt(float64(w.concurrency))
+	return s.now-w.seen.Load() > w.patience<<w.impatience
 }
 
 // probed records that w's probe completed, once the loop has taken its
@@ -308,24 +311,36 @@ func (s *sched[Req, Res]) inLine(w *worker[Req, Res]) bool {
 // whose estimates differ by less than noise usually fall on the same step
 // and compare equal, and workers that really differ (2× and more) never
 // do. Centred on the median, the scale keeps the many workers of the
-// usual speed on one step. Times under equalFloor count as equalFloor:
-// there the loop's own cost is most of a request's. The step is cached
-// per worker, so a cost costs a logarithm only when t or ref changed.
+// usual speed on one step, which reaches a step either way. Times under
+// equalFloor count as equalFloor: there the loop's own cost is most of a
+// request's. Off the centre, the step and the range of times it covers
+// are cached per worker, so a cost costs a logarithm only when t leaves
+// its step or ref changes.
 func (s *sched[Req, Res]) key(w *worker[Req, Res], t float64) float64 {
 	if t == 0 {
 		return 0
 	}
-	if t == w.keyOf && s.ref == w.keyRef {
+	t0, r := t, s.ref
+	if t0 < equalFloor {
+		t0 = equalFloor
+	}
+	if r < equalFloor {
+		r = equalFloor
+	}
+	if t0*bucket >= r && t0 <= r*bucket {
+		return r // the centre step, the usual case, without a logarithm
+	}
+	if s.ref == w.keyRef && t0 >= w.keyLo && t0 < w.keyHi {
 		return w.key
 	}
-	t0, r := max(t, equalFloor), max(s.ref, equalFloor)
-	k := math.Log(t0/r) / math.Log(bucket)
-	if math.Abs(k) <= 1 {
-		k = 0 // the centre step is two wide: the usual noise about the median stays on it
+	k := math.Round(math.Log(t0/r) / math.Log(bucket)) // |k| ≥ 1: off the centre
+	lo, hi := math.Pow(bucket, k-0.5), math.Pow(bucket, k+0.5)
+	if k > 0 {
+		lo = max(lo, bucket) // the centre step ends at bucket
 	} else {
-		k = math.Round(k)
+		hi = min(hi, 1/bucket)
 	}
-	w.keyOf, w.keyRef, w.key = t, s.ref, r*math.Pow(bucket, k)
+	w.keyRef, w.keyLo, w.keyHi, w.key = s.ref, r*lo, r*hi, r*math.Pow(bucket, k)
 	return w.key
 }
 
@@ -353,7 +368,7 @@ const (
 	trustAfter    = fallSmoothing / 2
 	reckonEvery   = staleAfter / 8
 	bucket        = 1.5
-	equalFloor    = float64(10 * time.Microsecond)
+	equalFloor    = holdFloor
 )
 
 // oldest returns the age at now of the oldest request w's slots are
@@ -371,7 +386,7 @@ func (w *worker[Req, Res]) oldest(now int64) int64 {
 // add puts a new worker in the heap, first among equals: never
 // dispatched to, it has waited longest of all, ties by ID.
 func (s *sched[Req, Res]) add(w *worker[Req, Res]) {
-	s.pool.add(w, s.cost(w), w.perSlot(), minSeq+int64(w.id))
+	s.pool.add(w, s.cost(w), s.perSlot(w), minSeq+int64(w.id))
 }
 
 // remove takes w out of the heap and out of the hold-back's count.
@@ -401,7 +416,7 @@ func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
 		s.countBusy(w)
 	}
 	s.expired = false
-	s.pool.dispatched(s.cost(w), w.perSlot(), s.seq)
+	s.pool.dispatched(s.cost(w), s.perSlot(w), s.seq)
 	s.seq++
 	return w
 }
@@ -431,13 +446,14 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 }
 
 // touch restores the heap order after w's cost changed.
-func (s *sched[Req, Res]) touch(w *worker[Req, Res]) { s.pool.touch(w, s.cost(w), w.perSlot()) }
+func (s *sched[Req, Res]) touch(w *worker[Req, Res]) { s.pool.touch(w, s.cost(w), s.perSlot(w)) }
 
-// perSlot is the count rule's cost: pending per slot, divided by weight,
-// counting one more request. With the load estimate the weight stands for
-// a speed not yet measured, so it counts only until the first run.
-func (w *worker[Req, Res]) perSlot() float64 {
-	if w.service.Load() != 0 && w.b.sched.estimate {
+// perSlot is the count rule's cost for w: pending per slot, divided by
+// weight, counting one more request. With the load estimate the weight
+// stands for a speed not yet measured, so it counts only until the first
+// run.
+func (s *sched[Req, Res]) perSlot(w *worker[Req, Res]) float64 {
+	if s.estimate && w.service.Load() != 0 {
 		return float64(w.pending+1) / float64(w.concurrency)
 	}
 	return float64(w.pending+1) * w.unit
@@ -448,7 +464,7 @@ func (w *worker[Req, Res]) perSlot() float64 {
 func (s *sched[Req, Res]) refresh() {
 	for i := range s.pool.slots {
 		w := s.pool.slots[i].w
-		s.pool.slots[i].cost, s.pool.slots[i].load = s.cost(w), w.perSlot()
+		s.pool.slots[i].cost, s.pool.slots[i].load = s.cost(w), s.perSlot(w)
 	}
 	heap.Init(&s.pool)
 }
@@ -578,7 +594,10 @@ func ewma(a *atomic.Int64, d int64) {
 // counts once.
 func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	d = max(d, 1) // zero means "no observation"
-	n := min(w.observed.Add(1), fallSmoothing)
+	n := w.observed.Load()
+	if n < fallSmoothing { // past it, n is not read
+		n = w.observed.Add(1)
+	}
 	var fresh float64 // the least share of the way the observation moves the average, for its gap
 	if prev := w.seen.Swap(end); prev != 0 && end-prev > decayFrom {
 		if end-prev > staleAfter {
@@ -606,7 +625,7 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 			if next > old {
 				next, k = min(next, 4*old), min(n, riseSmoothing)
 			}
-			if fresh > 1/float64(k) {
+			if fresh > 0 && fresh > 1/float64(k) {
 				next = old + int64(fresh*float64(next-old))
 			} else {
 				next = old + (next-old)/k
@@ -647,7 +666,7 @@ const holdFloor = float64(10 * time.Microsecond)
 // the callers waiting: with the load estimate, a full worker to wait for,
 // no hold just run out, and a root slow enough to be worth it.
 func (s *sched[Req, Res]) mayHold() bool {
-	return s.busy > 0 && !s.expired && s.pool.slots[0].cost >= holdFloor
+	return s.busy > 0 && !s.expired && s.pool.slots[0].cost > holdFloor
 }
 
 // rootTime is the root's expected time for one more request: its cost
@@ -693,8 +712,8 @@ func (s *sched[Req, Res]) countBusy(w *worker[Req, Res]) {
 	if !s.estimate {
 		return
 	}
-	if w.service.Load() != 0 {
-		w.rate = float64(w.concurrency) / s.expect(w)
+	if t := w.service.Load(); t != 0 {
+		w.rate = float64(w.concurrency) / float64(t)
 		s.busy++
 		s.busyRate += w.rate
 		s.busyHeld += w.limit

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -85,13 +86,14 @@ type worker[Req, Res any] struct {
 	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
 	silent  int     // requests dispatched to it since it last completed one (see freshen)
 	removed bool
-	// key's cache: the step of the scale for an expected time keyOf, with
-	// the common ground at keyRef.
-	keyOf, keyRef, key float64
-	impatience         int   // its estimate expires after staleAfter << impatience (see stale)
-	probing            bool  // it was given a request because its estimate had expired
-	probeSeen          int64 // seen when that probe was dispatched
-	inLine             int   // completions in a row since, with an estimate in line with its prior (see trusted)
+	// key's cache: the step of the scale for expected times in [keyLo,
+	// keyHi), with the common ground at keyRef.
+	keyRef, keyLo, keyHi, key float64
+	patience                  int64 // staleAfter ÷ √concurrency: an estimate this old expires (see stale)
+	impatience                int   // patience doubled this many times
+	probing                   bool  // it was given a request because its estimate had expired
+	probeSeen                 int64 // seen when that probe was dispatched
+	inLine                    int   // completions in a row with an estimate in line with its prior (see trusted)
 
 	// runners[i] describes slot i to the other goroutines; the slot's
 	// goroutine writes it.
@@ -125,6 +127,7 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o
 		exited:      make(chan struct{}),
 		retired:     make(chan struct{}),
 		unit:        1 / (float64(o.concurrency) * o.weight),
+		patience:    int64(float64(staleAfter) / math.Sqrt(float64(o.concurrency))),
 		runners:     make([]runner, o.concurrency),
 	}
 }
