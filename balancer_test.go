@@ -1386,6 +1386,39 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 // fast full, waiting for it takes (k + 2) / (2 per 10 ms) for the k-th
 // caller, so callers are held until holdMargin (1.5) × that reaches slow's
 // 60 ms: the sixth caller sends one to slow.
+// The hold-back expects a worker of several slots with one free to take
+// its whole service time, not a share of it: fast (10 ms) is full and slow
+// (60 ms, two slots) has both free, so one caller is held for fast, since
+// 1.5 × 2 × 10 ms < 60 ms.
+func TestHoldBackExpectsAFreeSlotsWholeTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b, err := NewFrom([]WorkerSpec[int, int]{
+			{Func: sleeper(10 * time.Millisecond)},
+			{Func: sleeper(60 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
+		})
+		require.NoError(t, err)
+		defer b.Close()
+		for range 2 { // both learn their speed (see observe)
+			var cs []<-chan Result[int, int]
+			for i := range 3 {
+				cs = append(cs, submitHeld(t, b, i))
+			}
+			for _, c := range cs {
+				<-c
+			}
+			synctest.Wait()
+		}
+		require.Equal(t, []time.Duration{10 * time.Millisecond, 60 * time.Millisecond},
+			[]time.Duration{b.Stats().Workers[0].MeanService, b.Stats().Workers[1].MeanService})
+		busy := submitHeld(t, b, 0)
+		held := submitHeld(t, b, 1)
+		assert.Equal(t, []int{1, 0}, pendings(b), "fast is full, slow has both slots free")
+		assert.Equal(t, 1, b.Stats().Waiting, "held for fast")
+		assert.Equal(t, 0, (<-busy).Worker)
+		assert.Equal(t, 0, (<-held).Worker)
+	})
+}
+
 func TestHoldBackCountsSlots(t *testing.T) {
 	for _, how := range []struct {
 		name string

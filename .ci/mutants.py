@@ -78,7 +78,7 @@ muts = {
  "TrySubmit's waits not counted": ("worker.go", "\tobserveWait(w, wait)\n", "\tif r.keep || r.batch != nil || r.at != 0 {\n\t\tobserveWait(w, wait)\n\t}\n"),
  "callers in a hand-off not counted as waiting": ("balancer.go", "\tb.waiting.Add(1)\n\tdefer b.waiting.Add(-1)\n", "\tdefer b.waiting.Add(0)\n"),
  "accepted counted after the request reaches its worker": ("balancer.go", "\tw.assigned.Add(1)\n\tb.accepted.Add(1)\n\tif b.hooks", "\tdefer w.assigned.Add(1)\n\tdefer b.accepted.Add(1)\n\tif b.hooks"),
- "no centre step: noise separates equal workers": ("pool.go", "\tif math.Abs(k) <= 1 {", "\tif k == 0 {"),
+ "no centre step: noise separates equal workers": ("pool.go", "\tif t0*bucket >= r && t0 <= r*bucket {", "\tif t0 == r {"),
  "ref is the upper median": ("pool.go", "s.ref = xs[(len(xs)-1)/2]", "s.ref = xs[len(xs)/2]"),
  "ref never reckoned after the first": ("pool.go", "\tif s.completed++; s.completed >= s.reckonAt || s.now-s.refreshed >= reckonEvery {", "\tif s.completed++; s.ref == 0 {"),
  "ref not published to the slots": ("pool.go", "\t\t\ts.published.Store(int64(s.ref))", "\t\t\t_ = s.published"),
