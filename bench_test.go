@@ -685,13 +685,17 @@ func TestBalanceHeadlines(t *testing.T) {
 		lo, hi  float64
 		request int // requests in the row, if not 20 000
 	}
+	// Rows of shares need the balancer alone, and more requests: a share
+	// is an average over time, and a worker sits out a while when its
+	// estimate wanders off the centre step (see stale).
+	shares := map[string]bool{}
 	rows := map[string][]bound{
 		"4 equal 0.1": {
-			{"least share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].least }, 0.75, math.Inf(1), 0},
+			{"least share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].least }, 0.75, math.Inf(1), 50_000},
 			{"most share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].most }, 0, 1.25, 0},
 		},
 		"equal 0.1": {
-			{"least share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].least }, 0.75, math.Inf(1), 0},
+			{"least share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].least }, 0.75, math.Inf(1), 100_000},
 			{"most share ÷ fair", func(f map[string]figures) float64 { return f["estimate"].most }, 0, 1.25, 0},
 		},
 		"equal 0.9":                            {{"p99 ÷ shared", p99("estimate", "shared"), 0, 1.05, 0}},
@@ -702,7 +706,13 @@ func TestBalanceHeadlines(t *testing.T) {
 		}, 0, 2, 0}},
 		"1 of 8 10× slower for 2 s of 40 s 0.2": {{"slow worker's share ÷ fair in the 8 s after", func(f map[string]figures) float64 {
 			return f["estimate"].soon
-		}, 0.4, math.Inf(1), 80_000}},
+		}, 0.4, math.Inf(1), 200_000}},
+		"1 of 8 10× slower for 2 s of 40 s 0.05": {{"slow worker's share ÷ fair 22–30 s after", func(f map[string]figures) float64 {
+			return f["estimate"].late
+		}, 0.6, math.Inf(1), 50_000}},
+	}
+	for _, k := range []string{"4 equal 0.1", "equal 0.1", "1 of 8 10× slower for 2 s of 40 s 0.2", "1 of 8 10× slower for 2 s of 40 s 0.05"} {
+		shares[k] = true
 	}
 	for _, s := range scenarios() {
 		key := fmt.Sprintf("%s %.2g", s.name, s.load)
@@ -711,7 +721,11 @@ func TestBalanceHeadlines(t *testing.T) {
 			continue
 		}
 		n := cmp.Or(bounds[0].request, 20_000)
-		f := measure(t, s, []string{"shared", "estimate", "oracle", noStall}, seed, n)
+		names := []string{"shared", "estimate", "oracle", noStall}
+		if shares[key] {
+			names = []string{"estimate"}
+		}
+		f := measure(t, s, names, seed, n)
 		for _, b := range bounds {
 			got := b.get(f)
 			t.Logf("%s: %s %.2f", key, b.name, got)

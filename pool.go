@@ -250,7 +250,7 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 // as it can hold.
 func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 	prior := s.ref / w.weight
-	t := float64(w.service.Load())
+	t := float64(w.level.Load())
 	if t == 0 || prior == 0 {
 		return max(t, prior)
 	}
@@ -274,15 +274,16 @@ func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
 }
 
 // probed records that w's probe completed, once the loop has taken its
-// completion. If its run put the worker off the centre step (see key),
-// the loop becomes twice as patient with the worker (see stale); if the
-// run was in line, patience stands until regular use confirms it (see
-// trusted): one run of a Func says little. If the probe did not run, the
+// completion. If its run took more than two steps' worth of the worker's
+// prior (bucket²), the loop becomes twice as patient with the worker
+// (see stale); otherwise patience stands until regular use confirms the
+// worker (see trusted): one run of a Func says little, and a worker of the
+// usual speed seldom takes that long. If the probe did not run, the
 // estimate is still expired and the next dispatch to the worker probes
 // again.
 func (s *sched[Req, Res]) probed(w *worker[Req, Res]) {
 	w.probing = false
-	if w.seen.Load() != w.probeSeen && !s.inLine(w) {
+	if w.seen.Load() != w.probeSeen && float64(w.service.Load()) > bucket*bucket*s.ref/w.weight {
 		w.impatience = min(w.impatience+1, maxImpatience)
 	}
 }
@@ -303,7 +304,7 @@ func (s *sched[Req, Res]) trusted(w *worker[Req, Res]) {
 // inLine reports whether w's moving average is on the centre step of the
 // scale, with the workers of the usual speed (see key).
 func (s *sched[Req, Res]) inLine(w *worker[Req, Res]) bool {
-	return float64(w.service.Load()) <= bucket*s.ref/w.weight
+	return float64(w.level.Load()) <= bucket*s.ref/w.weight
 }
 
 // key rounds t, an expected time of w, to a step of a logarithmic scale
@@ -551,6 +552,13 @@ const (
 	fallSmoothing = 16
 )
 
+// levelRise is how far a slower run moves a worker's level, the second,
+// calmer average that places it on the scale (see expect and key): an
+// eighth of the way, so that the noise of run times, which the peak
+// average follows closely, rarely carries an equal worker off the centre
+// step, while a worker ten times slower still leaves it within two runs.
+const levelRise = 8
+
 // observeWait folds the wait of a request that w's slot starts into w's
 // total and moving average, 1/fallSmoothing of the way either way: a wait
 // is for the operator, not for the policy, and an average that steps
@@ -606,24 +614,44 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 		}
 		fresh = -math.Expm1(-float64(end-prev) / float64(decay))
 	}
+	// A worker's first run counts as bucket times its prior at most, and
+	// then only until its second: a cold first call (a new connection, a
+	// GPU warming up) leaves it on the centre step (see key), and its next
+	// run says what it is worth.
+	var first int64
+	if w.service.Load() == 0 {
+		if prior := float64(w.b.ref.Load()) / w.weight; prior > 0 {
+			first = int64(bucket * prior)
+		}
+	}
+	replace := n == 2 && w.provisional.Load() && w.provisional.CompareAndSwap(true, false)
+	if fold(&w.service, int64(d), first, replace, min(n, riseSmoothing), min(n, fallSmoothing), fresh) {
+		w.provisional.Store(true)
+	}
+	fold(&w.level, int64(d), first, replace, min(n, levelRise), min(n, fallSmoothing), fresh)
+}
+
+// fold moves the moving average a toward a run of d, 1/rise of the way
+// if it is slower (counting four times a at most), 1/fall if faster, or
+// fresh of the way if that is more. An average with no run yet takes d,
+// or first if d is more and first is not 0, and then reports that it
+// capped it; replace takes d whole. Slots call it concurrently; each run
+// counts once.
+func fold(a *atomic.Int64, d, first int64, replace bool, rise, fall int64, fresh float64) (capped bool) {
 	for {
-		old := w.service.Load()
-		next := int64(d)
+		old := a.Load()
+		next := d
+		capped = false
 		switch {
 		case old == 0:
-			// A worker's first run counts as bucket times its prior at
-			// most, and then only until its second: a cold first call (a
-			// new connection, a GPU warming up) leaves it on the centre
-			// step (see key), and its next run says what it is worth.
-			if prior := float64(w.b.ref.Load()) / w.weight; prior > 0 && float64(next) > bucket*prior {
-				next = int64(bucket * prior)
-				w.provisional.Store(true)
+			if first > 0 && next > first {
+				next, capped = first, true
 			}
-		case n == 2 && w.provisional.CompareAndSwap(true, false):
+		case replace:
 		default:
-			k := min(n, fallSmoothing)
+			k := fall
 			if next > old {
-				next, k = min(next, 4*old), min(n, riseSmoothing)
+				next, k = min(next, 4*old), rise
 			}
 			if fresh > 0 && fresh > 1/float64(k) {
 				next = old + int64(fresh*float64(next-old))
@@ -631,16 +659,24 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 				next = old + (next-old)/k
 			}
 		}
-		if w.service.CompareAndSwap(old, next) {
-			return
+		if a.CompareAndSwap(old, next) {
+			return capped
 		}
 	}
 }
 
-// restart starts w's moving average anew with a run of d, its first,
-// after its estimate expired.
+// restart starts w's moving averages anew with a run of d, after its
+// estimate expired: the peak average takes d, which the hold-back and
+// probed read; the level, which places the worker on the scale, takes the
+// mean of d and the worker's prior, so that one unlucky run does not put
+// a worker of the usual speed off the centre step again.
 func (w *worker[Req, Res]) restart(d time.Duration) {
+	level := int64(d)
+	if prior := float64(w.b.ref.Load()) / w.weight; prior > 0 {
+		level = (int64(prior) + int64(d)) / 2
+	}
 	w.service.Store(int64(d))
+	w.level.Store(level)
 	w.observed.Store(1)
 }
 
@@ -673,8 +709,12 @@ func (s *sched[Req, Res]) mayHold() bool {
 // before key rounds it (see costAt).
 func (s *sched[Req, Res]) rootTime() float64 {
 	w := s.pool.root()
+	t := float64(w.service.Load()) // the peak average: the hold-back reacts to a slowdown at once
+	if t == 0 {
+		t = s.ref / w.weight
+	}
 	n := max(w.pending+1, w.concurrency)
-	return float64(n) * s.expect(w) / float64(w.concurrency)
+	return float64(n) * t / float64(w.concurrency)
 }
 
 // holds reports whether the next request should wait for a busy worker

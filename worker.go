@@ -106,6 +106,7 @@ type worker[Req, Res any] struct {
 	running     atomic.Int64  // requests a slot has taken and not finished
 	service     atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
 	seen        atomic.Int64  // b.now() when the latest run folded into service ended
+	level       atomic.Int64  // a calmer moving average of the same runs, for the scale (see levelRise)
 	observed    atomic.Int64  // runs folded into service
 	provisional atomic.Bool   // service is the first run's, capped (see observe)
 	wait        atomic.Int64  // moving average of the waits of the requests it started, in ns
