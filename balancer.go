@@ -197,29 +197,33 @@ func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 // twice as fast or slow as the median, or more, are told apart by their
 // second run.
 //
-// The expected service time is a moving average over the worker's recent
-// requests, learned from all its slots. The first runs make a plain mean,
+// The service time is learned as two moving averages over the worker's
+// recent requests, from all its slots. The first runs make a plain mean,
 // and the very first counts 1.5 times the worker's prior at most until
 // the second replaces it, so one cold first call does not exile a worker.
-// After that a slower run moves it a quarter of the way, a faster one a
-// sixteenth (it notices a slowdown within a few requests and forgets it
-// cautiously), a run counts four times the average at most, and a run
-// after a gap g moves it at least 1 − e^(−g/10 s) of the way. A request
-// running longer than its worker's mean counts its age instead, so a
-// worker that stalls stops getting requests.
+// After that a faster run moves both a sixteenth of the way; a slower one
+// moves the peak average a quarter (it notices a slowdown within a few
+// requests: the hold-back reads it) and the level an eighth (it places
+// the worker on the scale, where the noise of run times should not carry
+// an equal worker off the centre step). A run counts four times an
+// average at most, and a run after a gap g moves them at least
+// 1 − e^(−g/10 s) of the way. A request running longer than its worker's
+// level counts its age instead, so a worker that stalls stops getting
+// requests.
 //
 // Until it has run, a worker is expected to serve as its peers' median
 // does, divided by its weight (WithWeight): its prior. Before any worker
 // has run, dispatch is the count rule exactly, weights included.
 //
-// Estimates expire. One that no run has refreshed for 2 s (divided by √c)
-// counts as the worker's prior (from the loop's next look at every worker,
-// at most a quarter second later) for one request, a probe, so a worker that
-// looked slow and was not tried since (it recovered) is tried again at any
-// load; its probe starts a new mean. Each probe that finds the worker
-// still slow doubles the wait before the next, up to 32 s, so a worker
-// that is slow for good costs one slow request that often at most; runs
-// in line set it back.
+// Estimates expire. One slower than the centre step that no run has
+// refreshed for 2 s (divided by √c) counts as the worker's prior (from the
+// loop's next look at every worker, at most a quarter second later) for
+// one request, a probe, so a worker that looked slow and was not tried
+// since (it recovered) is tried again at any load; its probe starts new
+// averages. Each probe that takes over 2.25
+// times the prior doubles the wait before the next, up to 32 s, so a
+// worker that is slow for good costs one slow request that often at most;
+// eight runs in a row in line set it back.
 //
 // The balancer also holds requests back: when every fast worker is full
 // and only a slow one has room, a request waits in Do or Submit for a fast
