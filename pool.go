@@ -603,16 +603,23 @@ func ewma(a *atomic.Int64, d int64) {
 func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	d = max(d, 1) // zero means "no observation"
 	n := w.observed.Load()
+	prev := w.seen.Swap(end)
+	gap := end - prev
+	if n >= fallSmoothing && (prev == 0 || gap <= decayFrom) { // the common case, kept short
+		step(&w.service, int64(d), riseSmoothing)
+		step(&w.level, int64(d), levelRise)
+		return
+	}
 	if n < fallSmoothing { // past it, n is not read
 		n = w.observed.Add(1)
 	}
 	var fresh float64 // the least share of the way the observation moves the average, for its gap
-	if prev := w.seen.Swap(end); prev != 0 && end-prev > decayFrom {
-		if end-prev > staleAfter {
+	if prev != 0 && gap > decayFrom {
+		if gap > staleAfter {
 			w.restart(d)
 			return
 		}
-		fresh = -math.Expm1(-float64(end-prev) / float64(decay))
+		fresh = -math.Expm1(-float64(gap) / float64(decay))
 	}
 	// A worker's first run counts as bucket times its prior at most, and
 	// then only until its second: a cold first call (a new connection, a
@@ -629,6 +636,22 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 		w.provisional.Store(true)
 	}
 	fold(&w.level, int64(d), first, replace, min(n, levelRise), min(n, fallSmoothing), fresh)
+}
+
+// step is fold for an established average and a run with no gap before
+// it: 1/rise of the way up, counting four times a at most, or
+// 1/fallSmoothing down.
+func step(a *atomic.Int64, d, rise int64) {
+	for {
+		old := a.Load()
+		next := old + (d-old)/fallSmoothing
+		if d > old {
+			next = old + (min(d, 4*old)-old)/rise
+		}
+		if a.CompareAndSwap(old, next) {
+			return
+		}
+	}
 }
 
 // fold moves the moving average a toward a run of d, 1/rise of the way
