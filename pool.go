@@ -257,7 +257,8 @@ func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 	// Only an estimate off the centre step on the slow side can keep a
 	// worker from being tried; at or below it, expiring changes little,
 	// and skipping the check keeps it off the common path.
-	if t > bucket*prior && !w.probing && s.stale(w) {
+	w.lapsed = t > bucket*prior && !w.probing && s.stale(w)
+	if w.lapsed {
 		return prior
 	}
 	return t
@@ -408,7 +409,8 @@ func (s *sched[Req, Res]) hasRoom() bool {
 // room, and returns that worker.
 func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
 	w := s.pool.root()
-	if s.estimate && !w.probing && w.service.Load() != 0 && s.ref != 0 && s.stale(w) {
+	kept, probe := s.pool.slots[0].cost, w.lapsed && !w.probing
+	if probe { // its kept cost is its prior's: its estimate expired (see expect)
 		w.probing, w.probeSeen = true, w.seen.Load()
 	}
 	w.pending++
@@ -417,7 +419,14 @@ func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
 		s.countBusy(w)
 	}
 	s.expired = false
-	s.pool.dispatched(s.cost(w), s.perSlot(w), s.seq)
+	cost := kept * float64(w.pending+w.concurrency) / float64(w.pending-1+w.concurrency)
+	if !s.estimate || w.pending == w.limit || probe || kept == 0 {
+		// The kept cost, scaled for one more request pending, is the new
+		// one (see costAt) unless the worker is now full, its probe
+		// brings back its old estimate, or there was no estimate.
+		cost = s.cost(w)
+	}
+	s.pool.dispatched(cost, s.perSlot(w), s.seq)
 	s.seq++
 	return w
 }

@@ -96,6 +96,8 @@ muts = {
  "weights count in ties after the first run": ("pool.go", "\tif s.estimate && w.service.Load() != 0 {", "\tif false {"),
  "stall rule without an estimate": ("pool.go", "if now != 0 && t > 0 {", "if now != 0 {"),
  "cost blind to pending while a slot is free": ("pool.go", "\tn := w.pending + w.concurrency\n\treturn float64(n) * s.key(w, t)", "\tn := max(w.pending+1, w.concurrency)\n\treturn float64(n) * s.key(w, t)"),
+ "a dispatch scales the kept cost wrong": ("pool.go", "cost := kept * float64(w.pending+w.concurrency) / float64(w.pending-1+w.concurrency)", "cost := kept"),
+ "a probe is not marked": ("pool.go", "kept, probe := s.pool.slots[0].cost, w.lapsed && !w.probing", "kept, probe := s.pool.slots[0].cost, false"),
  "ref follows only the clock at first": ("pool.go", "\t\tif s.reckonAt = 2 * max(s.completed, 1); s.reckonAt > 8*int64(s.pool.Len()) {", "\t\tif s.reckonAt = 2 * max(s.completed, 1); true {"),
 }
 only = sys.argv[1:]
