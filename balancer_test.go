@@ -2136,12 +2136,14 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		for range fallSmoothing {
 			w.observe(20*time.Millisecond, 0)
 		}
-		var got []time.Duration
+		var got, level []time.Duration
 		for _, d := range []time.Duration{36, 8} {
 			w.observe(d*time.Millisecond, 0)
 			got = append(got, time.Duration(w.service.Load()))
+			level = append(level, time.Duration(w.level.Load()))
 		}
 		assert.Equal(t, []time.Duration{24 * time.Millisecond, 23 * time.Millisecond}, got, "20 + (36-20)/4, then 24 + (8-24)/16")
+		assert.Equal(t, []time.Duration{22 * time.Millisecond, 21125 * time.Microsecond}, level, "the level: 20 + (36-20)/8, then 22 + (8-22)/16")
 	})
 	t.Run("a run after a gap counts for the time the average was not refreshed", func(t *testing.T) {
 		h := newHeapHarness(4, true)
