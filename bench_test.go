@@ -487,13 +487,13 @@ func quantiles(s scenario, w workload, lat []time.Duration) [3]time.Duration {
 	return q
 }
 
-// shares returns each worker's share of the requests that arrived in
-// [from, to), as a multiple of its fair share (1/workers).
-func shares(s scenario, w workload, who []int, from, to time.Duration) []float64 {
+// sharesIf returns each worker's share of the requests whose arrival time
+// in reports true, as a multiple of its fair share (1/workers).
+func sharesIf(s scenario, w workload, who []int, in func(at time.Duration) bool) []float64 {
 	n := make([]float64, s.workers)
 	var all float64
 	for i, at := range w.at {
-		if at >= from && at < to {
+		if in(at) {
 			n[who[i]]++
 			all++
 		}
@@ -504,18 +504,17 @@ func shares(s scenario, w workload, who []int, from, to time.Duration) []float64
 	return n
 }
 
+// shares returns each worker's share of the requests that arrived in
+// [from, to), as a multiple of its fair share.
+func shares(s scenario, w workload, who []int, from, to time.Duration) []float64 {
+	return sharesIf(s, w, who, func(at time.Duration) bool { return at >= from && at < to })
+}
+
 // spread returns the least and the most of the workers' shares of the
 // requests in the scenario's window, each as a multiple of a fair share.
 func spread(s scenario, w workload, who []int) (least, most float64) {
-	n := make([]float64, s.workers)
-	var all float64
-	for i, at := range w.at {
-		if s.window(at) {
-			n[who[i]]++
-			all++
-		}
-	}
-	return slices.Min(n) * float64(s.workers) / all, slices.Max(n) * float64(s.workers) / all
+	n := sharesIf(s, w, who, s.window)
+	return slices.Min(n), slices.Max(n)
 }
 
 // Windows after each brownout of a recovery scenario in which the slow
@@ -631,6 +630,24 @@ func sharesColumn(s scenario, f figures) string {
 	return fmt.Sprintf("%.2f–%.2f", f.least, f.most)
 }
 
+// qualityRun reads a table's settings from the environment and prints its
+// seed, or skips the test when BALANCER_QUALITY is not set: the requests
+// per row n, the seed (BALANCER_QUALITY_SEED, else a new one) and the
+// scenarios to run (BALANCER_QUALITY_ONLY, a regexp on "name load").
+func qualityRun(t *testing.T, table string) (n int, seed uint64, only *regexp.Regexp) {
+	n, err := strconv.Atoi(os.Getenv("BALANCER_QUALITY"))
+	if err != nil {
+		t.Skip("set BALANCER_QUALITY=<requests per row> to print " + table)
+	}
+	seed = uint64(time.Now().UnixNano())
+	if s, err := strconv.ParseUint(os.Getenv("BALANCER_QUALITY_SEED"), 10, 64); err == nil {
+		seed = s
+	}
+	only = regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
+	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
+	return n, seed, only
+}
+
 // TestBalanceQuality prints the balance-quality table: every scenario and
 // dispatcher, the same arrivals and sizes for every dispatcher of a
 // scenario, in fake time. It runs when BALANCER_QUALITY sets the requests
@@ -639,16 +656,7 @@ func sharesColumn(s scenario, f figures) string {
 // Where a scenario has a brownout or stall, the figures are of the requests
 // arriving during it.
 func TestBalanceQuality(t *testing.T) {
-	n, err := strconv.Atoi(os.Getenv("BALANCER_QUALITY"))
-	if err != nil {
-		t.Skip("set BALANCER_QUALITY=<requests per row> to print the balance-quality table")
-	}
-	seed := uint64(time.Now().UnixNano())
-	if s, err := strconv.ParseUint(os.Getenv("BALANCER_QUALITY_SEED"), 10, 64); err == nil {
-		seed = s
-	}
-	only := regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
-	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
+	n, seed, only := qualityRun(t, "the balance-quality table")
 	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | p99 ÷ shared | p99 ÷ oracle | shares ÷ fair |")
 	fmt.Println("|---|---|---|---|---|---|---|---|---|")
 	for _, s := range scenarios() {
@@ -903,18 +911,7 @@ func measureFleet(t *testing.T, s scenario, rows []fleetRow, seed uint64, n int)
 		var who []int
 		synctest.Test(t, func(t *testing.T) { lat, who = offerFleet(t, s, w, r.name, r.k) })
 		q[r] = quantiles(s, w, lat)
-		n := make([]float64, s.workers)
-		var all float64
-		for i, at := range w.at {
-			if s.window(at) {
-				n[who[i]]++
-				all++
-			}
-		}
-		for i := range n {
-			n[i] *= float64(s.workers) / all
-		}
-		sh[r] = n
+		sh[r] = sharesIf(s, w, who, s.window)
 	}
 	return q, sh
 }
@@ -925,16 +922,7 @@ func measureFleet(t *testing.T, s scenario, rows []fleetRow, seed uint64, n int)
 // BALANCER_QUALITY sets the requests per row, BALANCER_QUALITY_SEED
 // replays a seed and BALANCER_QUALITY_ONLY picks scenarios.
 func TestFleetQuality(t *testing.T) {
-	n, err := strconv.Atoi(os.Getenv("BALANCER_QUALITY"))
-	if err != nil {
-		t.Skip("set BALANCER_QUALITY=<requests per row> to print the fleet table")
-	}
-	seed := uint64(time.Now().UnixNano())
-	if s, err := strconv.ParseUint(os.Getenv("BALANCER_QUALITY_SEED"), 10, 64); err == nil {
-		seed = s
-	}
-	only := regexp.MustCompile(os.Getenv("BALANCER_QUALITY_ONLY"))
-	fmt.Printf("seed %d (replay with BALANCER_QUALITY_SEED=%d), %d requests per row\n\n", seed, seed, n)
+	n, seed, only := qualityRun(t, "the fleet table")
 	fmt.Println("| backends | load | clients | p50 ms | p99 ms | p99.9 ms | p99 ÷ one balancer | backends' shares ÷ fair |")
 	fmt.Println("|---|---|---|---|---|---|---|---|")
 	rows := fleetRows()
