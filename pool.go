@@ -265,11 +265,12 @@ func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 }
 
 // stale reports whether w's estimate is older than its patience: how
-// long the loop trusts an estimate nobody refreshes. Patience starts at
-// staleAfter; each probe that finds the worker still slower than its
-// prior doubles it, up to maxPatience, so a worker that is slow for good
-// costs one slow request every maxPatience at most, and a probe that finds
-// it as fast as its prior sets it back (see probed).
+// long the loop trusts an estimate nobody refreshes. Patience is
+// staleAfter ÷ √concurrency, doubled impatience times: each probe that
+// finds the worker still slow doubles it, up to maxImpatience times, so a
+// worker that is slow for good costs one slow request that often at most,
+// and trustAfter runs in line in a row set it back (see probed and
+// trusted).
 func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
 	return s.now-w.seen.Load() > w.patience<<w.impatience
 }
