@@ -83,7 +83,7 @@ type worker[Req, Res any] struct {
 	pending int     // requests queued or running, as of the completions taken
 	unit    float64 // 1/(concurrency × weight): a request's share of the cost without the load estimate
 	handle  int     // the pool's name for it while it is in the heap
-	rate    float64 // concurrency / mean service time while counted in b.busyRate, else 0
+	rate    float64 // concurrency / mean service time while counted in the scheduler's busyRate, else 0
 	silent  int     // requests dispatched to it since it last completed one (see freshen)
 	removed bool
 	// key's cache: the step of the scale for expected times in [keyLo,
@@ -101,19 +101,22 @@ type worker[Req, Res any] struct {
 	runners []runner
 
 	// Written by their single owner, read by Stats.
-	assigned    atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
-	gone        atomic.Bool   // stored by the loop on RemoveWorker
-	completed   atomic.Uint64 // outcomes this worker delivered; its slots write the rest
-	running     atomic.Int64  // requests a slot has taken and not finished
-	service     atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
-	seen        atomic.Int64  // b.now() when the latest run folded into service ended
-	level       atomic.Int64  // a calmer moving average of the same runs, for the scale (see levelRise)
-	observed    atomic.Int64  // runs folded into service
-	provisional atomic.Bool   // service is the first run's, capped (see observe)
-	wait        atomic.Int64  // moving average of the waits of the requests it started, in ns
-	waited      atomic.Int64  // the sum of those waits, in ns
-	failed      atomic.Uint64
-	panics      atomic.Uint64
+	assigned  atomic.Int64  // requests the loop gave it and did not take back; the loop writes it
+	gone      atomic.Bool   // stored by the loop on RemoveWorker
+	completed atomic.Uint64 // outcomes this worker delivered; its slots write the rest
+	running   atomic.Int64  // requests a slot has taken and not finished
+	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
+	wait      atomic.Int64  // moving average of the waits of the requests it started, in ns
+	waited    atomic.Int64  // the sum of those waits, in ns
+	failed    atomic.Uint64
+	panics    atomic.Uint64
+
+	// The rest of the estimate: written by its slots (see observe), read
+	// by the loop.
+	seen        atomic.Int64 // b.now() when the latest run folded into service ended
+	level       atomic.Int64 // a calmer moving average of the same runs, for the scale (see levelRise)
+	observed    atomic.Int64 // runs folded into service, counted up to fallSmoothing
+	provisional atomic.Bool  // service is the first run's, capped (see observe)
 }
 
 func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o workerOptions) *worker[Req, Res] {
