@@ -1760,22 +1760,28 @@ func TestFinishCountsThenFreesThenAnswers(t *testing.T) {
 	// The consequences, from outside: a lone caller that has its outcome
 	// finds it counted, and the one slot free (TrySubmit accepts at once).
 	t.Run("seen by a lone caller", func(t *testing.T) {
-		b, err := New(1, fn)
-		require.NoError(t, err)
-		defer b.Close()
-		for i := range 1000 {
-			mode := []string{"ok", "error"}[i%2]
-			_, err := b.Do(context.Background(), mode)
-			s := b.Stats()
-			require.Equal(t, uint64(2*i+1), s.Completed, "after call %d", i)
-			require.Equal(t, uint64((i+1)/2), s.Failed, "after call %d", i)
-			require.Equal(t, 0, s.Workers[0].Pending, "after call %d", i)
-			require.Equal(t, mode == "error", err != nil)
-			c, err := b.TrySubmit(context.Background(), "ok")
-			require.NoError(t, err, "after call %d the slot was not free", i)
-			require.NoError(t, (<-c).Err)
-		}
+		synctest.Test(t, func(t *testing.T) { loneCallerFindsItCounted(t, fn) })
 	})
+}
+
+// loneCallerFindsItCounted makes 1000 calls from one caller to one worker
+// of depth 1: after each, Stats counts it and the slot is free.
+func loneCallerFindsItCounted(t *testing.T, fn Func[string, int]) {
+	b, err := New(1, fn)
+	require.NoError(t, err)
+	defer b.Close()
+	for i := range 1000 {
+		mode := []string{"ok", "error"}[i%2]
+		_, err := b.Do(context.Background(), mode)
+		s := b.Stats()
+		require.Equal(t, uint64(2*i+1), s.Completed, "after call %d", i)
+		require.Equal(t, uint64((i+1)/2), s.Failed, "after call %d", i)
+		require.Equal(t, 0, s.Workers[0].Pending, "after call %d", i)
+		require.Equal(t, mode == "error", err != nil)
+		c, err := b.TrySubmit(context.Background(), "ok")
+		require.NoError(t, err, "after call %d the slot was not free", i)
+		require.NoError(t, (<-c).Err)
+	}
 }
 
 // The loop counts a request as accepted, and as pending at its worker,
