@@ -233,8 +233,8 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 	if now != 0 && t > 0 { // with no estimate at all, the count rule stands
 		t = max(t, float64(w.oldest(now)))
 	}
-	n := w.pending + w.concurrency
-	return float64(n) * s.key(w, t) / float64(w.concurrency)
+	w.lastKey = s.key(w, t)
+	return float64(w.pending+w.concurrency) * w.lastKey / float64(w.concurrency)
 }
 
 // expect is w's expected service time in ns as of the loop's time. A
@@ -420,12 +420,15 @@ func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
 		s.countBusy(w)
 	}
 	s.expired = false
-	cost := kept * float64(w.pending+w.concurrency) / float64(w.pending-1+w.concurrency)
+	var cost float64
 	if !s.estimate || w.pending == w.limit || probe || kept == 0 {
-		// The kept cost, scaled for one more request pending, is the new
-		// one (see costAt) unless the worker is now full, its probe
-		// brings back its old estimate, or there was no estimate.
 		cost = s.cost(w)
+	} else {
+		// The step its kept cost was computed with stands (costAt's
+		// formula, so the result is the same to the last bit), unless
+		// the worker is now full, its probe brings back its old
+		// estimate, or there was no estimate.
+		cost = float64(w.pending+w.concurrency) * w.lastKey / float64(w.concurrency)
 	}
 	s.pool.dispatched(cost, s.perSlot(w), s.seq)
 	s.seq++

@@ -89,12 +89,13 @@ type worker[Req, Res any] struct {
 	// key's cache: the step of the scale for expected times in [keyLo,
 	// keyHi), with the common ground at keyRef.
 	keyRef, keyLo, keyHi, key float64
-	patience                  int64 // staleAfter ÷ √concurrency: an estimate this old expires (see stale)
-	impatience                int   // patience doubled this many times
-	lapsed                    bool  // its estimate had expired when its cost was last computed (see expect)
-	probing                   bool  // it was given a request because its estimate had expired
-	probeSeen                 int64 // seen when that probe was dispatched
-	inLine                    int   // completions in a row with an estimate in line with its prior (see trusted)
+	lastKey                   float64 // the step its last cost was computed with (see dispatch)
+	patience                  int64   // staleAfter ÷ √concurrency: an estimate this old expires (see stale)
+	impatience                int     // patience doubled this many times
+	lapsed                    bool    // its estimate had expired when its cost was last computed (see expect)
+	probing                   bool    // it was given a request because its estimate had expired
+	probeSeen                 int64   // seen when that probe was dispatched
+	inLine                    int     // completions in a row with an estimate in line with its prior (see trusted)
 
 	// runners[i] describes slot i to the other goroutines; the slot's
 	// goroutine writes it.
