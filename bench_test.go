@@ -530,28 +530,30 @@ const (
 // from its end, as a multiple of its fair share.
 func recovered(s scenario, w workload, who []int) (soon, late float64) {
 	last := w.at[len(w.at)-1]
-	var soonN, soonAll, lateN, lateAll float64
+	var recoveries float64
 	for end := s.from + s.length; end+lateTo <= last; end += s.period {
-		a := shares(s, w, who, end, end+soonAfter)
-		b := shares(s, w, who, end+lateFrom, end+lateTo)
-		soonN, lateN = soonN+a[s.workers-1], lateN+b[s.workers-1]
-		soonAll++
-		lateAll++
+		soon += shares(s, w, who, end, end+soonAfter)[s.workers-1]
+		late += shares(s, w, who, end+lateFrom, end+lateTo)[s.workers-1]
+		recoveries++
 	}
-	return soonN / soonAll, lateN / lateAll
+	return soon / recoveries, late / recoveries
+}
+
+// atLoads appends to all one scenario per load, each base named name.
+func atLoads(all []scenario, name string, base scenario, loads ...float64) []scenario {
+	for _, l := range loads {
+		s := base
+		s.name, s.load = name, l
+		all = append(all, s)
+	}
+	return all
 }
 
 // scenarios are the rows of the balance-quality table.
 func scenarios() []scenario {
 	even := scenario{workers: 8, concurrency: 1, depth: 1}
 	var all []scenario
-	add := func(name string, base scenario, loads ...float64) {
-		for _, l := range loads {
-			s := base
-			s.name, s.load = name, l
-			all = append(all, s)
-		}
-	}
+	add := func(name string, base scenario, loads ...float64) { all = atLoads(all, name, base, loads...) }
 	add("4 equal", scenario{workers: 4, concurrency: 1, depth: 1}, 0.1)
 	add("equal", even, 0.1, 0.7, 0.9)
 	slow2 := even
@@ -747,21 +749,16 @@ func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond)
 // A fleet is several clients, each with its own dispatcher, in front of
 // the same backends: what users who outgrow one process run. The clients
 // share the arrivals (each request goes to a client drawn at random, the
-// same for every kind of client), and see only their own requests; each backend serves concurrency requests at once and
-// queues the rest inside itself, in arrival order, as a server does. So a
+// same for every kind of client), and see only their own requests; each
+// backend serves concurrency requests at once and queues the rest inside
+// itself, in arrival order, as a server does. So a
 // backend's latency carries every client's load. The fleet scenarios are
 // the rows of TestFleetQuality; only a scenario's workers (the backends),
 // concurrency, load, speeds and brownout count.
 func fleetScenarios() []scenario {
 	backends := scenario{workers: 8, concurrency: 4, depth: 1}
 	var all []scenario
-	add := func(name string, base scenario, loads ...float64) {
-		for _, l := range loads {
-			s := base
-			s.name, s.load = name, l
-			all = append(all, s)
-		}
-	}
+	add := func(name string, base scenario, loads ...float64) { all = atLoads(all, name, base, loads...) }
 	add("equal", backends, 0.5, 0.8)
 	slow := backends
 	slow.slow, slow.factor = 1, 4
