@@ -68,7 +68,7 @@ type pool[Req, Res any] struct {
 
 type slot[Req, Res any] struct {
 	cost float64 // sched.cost(w) as of the last touch
-	load float64 // (pending+1) × w.unit as of the last touch: the count rule, for ties
+	load float64 // s.perSlot(w) as of the last touch: the count rule, for ties
 	last int64   // dispatch sequence number of w's latest request
 	h    int     // w.handle
 	w    *worker[Req, Res]
