@@ -27,6 +27,8 @@ import (
 	"fmt"
 	"iter"
 	"math"
+	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,6 +89,87 @@ func (e *PanicError) Unwrap() error {
 	return err
 }
 
+// A Class is what an outcome says about the worker that produced it: the
+// balancer routes around workers whose outcomes say they fail (see
+// WithClassifier and WithEjection).
+type Class uint8
+
+// The classes of outcomes.
+const (
+	// Success: the worker did its part. An error that is the caller's
+	// own (a bad request, a 4xx, not found) is a Success too: the worker
+	// served it. It resets the worker's run of failures.
+	Success Class = iota
+	// Failure: the worker failed (a 5xx, a refused connection, a panic).
+	// It raises the worker's failure rate, which raises its cost, and
+	// lengthens its run of failures, which ejects it (see WithEjection).
+	Failure
+	// Overload: the worker refused the request for load (429,
+	// RESOURCE_EXHAUSTED). It raises the failure rate, as Failure does,
+	// but never ejects the worker and does not end a run of failures.
+	Overload
+	// Ignore: the outcome says nothing about the worker (the caller gave
+	// up). It changes neither the worker's health nor its speed.
+	Ignore
+)
+
+// String is the class's name.
+func (c Class) String() string {
+	switch c {
+	case Success:
+		return "success"
+	case Failure:
+		return "failure"
+	case Overload:
+		return "overload"
+	case Ignore:
+		return "ignore"
+	}
+	return "Class(" + strconv.Itoa(int(c)) + ")"
+}
+
+// classed is an error marked with the class of the outcome it ends.
+type classed struct {
+	err   error
+	class Class
+}
+
+func (e *classed) Error() string { return e.err.Error() }
+func (e *classed) Unwrap() error { return e.err }
+
+// CallersFault marks err as the caller's own (a bad request, not found):
+// its outcome is a Success for the worker's health. errors.Is and
+// errors.As see through the mark; CallersFault(nil) is nil.
+func CallersFault(err error) error { return mark(err, Success) }
+
+// Overloaded marks err as the worker's refusal for load (429,
+// RESOURCE_EXHAUSTED): its outcome is an Overload. errors.Is and errors.As
+// see through the mark; Overloaded(nil) is nil.
+func Overloaded(err error) error { return mark(err, Overload) }
+
+func mark(err error, c Class) error {
+	if err == nil {
+		return nil
+	}
+	return &classed{err, c}
+}
+
+// ClassOf is the default classification of a Func's error: Success for
+// nil, the mark of CallersFault or Overloaded if err carries one (the
+// outermost), and Failure for any other error, a *PanicError and
+// ErrGoexit included. A classifier given to WithClassifier can fall back
+// to it.
+func ClassOf(err error) Class {
+	if err == nil {
+		return Success
+	}
+	var c *classed
+	if errors.As(err, &c) {
+		return c.class
+	}
+	return Failure
+}
+
 // Bounds on a worker's queue depth and concurrency, see [WithQueueDepth]
 // and [WithConcurrency].
 const (
@@ -111,6 +194,8 @@ type WorkerOption interface {
 type options struct {
 	depth    int
 	estimate bool
+	eject    bool
+	classify any           // a func(Res, error) Class, checked by newBalancer
 	worker   workerOptions // defaults for every worker New or NewFrom starts
 	hooks    *hooks        // tests only
 }
@@ -132,7 +217,7 @@ func (o workerOptions) with(opts []WorkerOption) workerOptions {
 
 // defaultOptions is the one place the defaults are set.
 func defaultOptions() options {
-	return options{depth: DefaultQueueDepth, estimate: true, worker: workerOptions{concurrency: 1, weight: 1}}
+	return options{depth: DefaultQueueDepth, estimate: true, eject: true, worker: workerOptions{concurrency: 1, weight: 1}}
 }
 
 // check reports the first option out of range for a worker of a balancer
@@ -238,6 +323,47 @@ func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 // sizes does much better than a shared channel.
 func WithLoadEstimate(on bool) Option { return estimateOption(on) }
 
+type ejectOption bool
+
+func (e ejectOption) apply(o *options) { o.eject = bool(e) }
+
+// WithEjection turns ejection on (the default) or off. On, a worker whose
+// last 5 outcomes were each a Failure (see Class) is ejected: it gets no
+// requests for 1 s, twice as long for each ejection in a row (one that
+// comes within 10 s of the worker's return, or at its probe) up to 30 s,
+// each time ±50 % at random. Then it gets exactly one request, its probe,
+// the next one the balancer dispatches: a Success or an Overload returns
+// it to service with its failure rate cleared and its speed estimate
+// kept, a Failure ejects it again, and an outcome that says nothing
+// (Ignore) makes the next request its probe. While ejected it is not
+// capacity: the hold-back, TrySubmit and All ignore it. At most half the
+// workers are ejected at once, never the last one, and always one may
+// be; above that cap, failing workers keep only the cost of their failure
+// rate. Off, the failure rate alone steers load away from failing
+// workers: a worker that fails a share e of its requests costs 1/(1 − e)
+// times as much, up to 20 times, with or without ejection.
+func WithEjection(on bool) Option { return ejectOption(on) }
+
+type classifierOption struct{ f any }
+
+func (c classifierOption) apply(o *options) { o.classify = c.f }
+
+// WithClassifier sets how the outcomes of the Funcs are classified, for
+// errors that cannot be marked with CallersFault or Overloaded (a
+// *url.Error, a gRPC status) and outcomes whose Res says what happened (an
+// *http.Response). f sees the Value and Err of every outcome of a Func
+// that returned, except that an error after the request's ctx ended is
+// Ignore without asking (the caller gave up, not the worker), and a panic
+// is a Failure; it may call ClassOf, the default. A panic in f gives the
+// request a *PanicError and counts as a Failure. New returns
+// ErrInvalidArgument if f is nil or its Res is not the Balancer's.
+func WithClassifier[Res any](f func(Res, error) Class) Option {
+	if f == nil {
+		return classifierOption{f: (func(Res, error) Class)(nil)}
+	}
+	return classifierOption{f: f}
+}
+
 type concurrencyOption int
 
 func (c concurrencyOption) apply(o *options)             { o.worker.concurrency = int(c) }
@@ -332,8 +458,9 @@ type Balancer[Req, Res any] struct {
 	sleeping atomic.Bool   // the loop waits for completions, among other things, and wants a wake
 	wake     chan struct{} // capacity 1: wakes a sleeping loop (see report)
 	roster   atomic.Pointer[roster[Req, Res]]
-	ref      atomic.Int64 // the scheduler's ref, published for the slots (see observe)
-	hooks    *hooks       // nil outside tests
+	ref      atomic.Int64           // the scheduler's ref, published for the slots (see observe)
+	classify func(Res, error) Class // WithClassifier's, or nil for ClassOf
+	hooks    *hooks                 // nil outside tests
 
 	// Owned by the select loop once it starts; New sets them up before.
 	sched    sched[Req, Res]
@@ -365,6 +492,8 @@ type hooks struct {
 	// send is called by the loop as it hands a request to its worker,
 	// after counting it as accepted (see dispatch).
 	send func()
+	// jitter replaces rand.Float64 in the ejections' lengths.
+	jitter func() float64
 }
 
 // minSeq is below every dispatch sequence number: a worker that was never
@@ -448,6 +577,17 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 	if err := o.worker.check(o.depth); err != nil {
 		return nil, err
 	}
+	var classify func(Res, error) Class
+	if o.classify != nil {
+		f, ok := o.classify.(func(Res, error) Class)
+		switch {
+		case !ok:
+			return nil, fmt.Errorf("%w: classifier %T, want func(%T, error) Class", ErrInvalidArgument, o.classify, *new(Res))
+		case f == nil:
+			return nil, fmt.Errorf("%w: nil classifier", ErrInvalidArgument)
+		}
+		classify = f
+	}
 	wos := make([]workerOptions, n) // checked before anything starts
 	for i := range n {
 		s := spec(i)
@@ -468,9 +608,13 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		quit:     make(chan struct{}),
 		exited:   make(chan struct{}),
 		workers:  make(map[int]*worker[Req, Res]),
+		classify: classify,
 		hooks:    o.hooks,
 	}
-	b.sched = sched[Req, Res]{estimate: o.estimate, clock: b.now, published: &b.ref}
+	b.sched = sched[Req, Res]{estimate: o.estimate, eject: o.eject, clock: b.now, published: &b.ref, jitter: rand.Float64}
+	if o.hooks != nil && o.hooks.jitter != nil {
+		b.sched.jitter = o.hooks.jitter
+	}
 	if o.estimate {
 		b.nudge = make(chan struct{}, 1)
 		b.timer = time.NewTimer(time.Hour)
@@ -715,11 +859,12 @@ func (b *Balancer[Req, Res]) All(ctx context.Context, reqs iter.Seq[Req]) iter.S
 	}
 }
 
-// capacity returns how many requests the workers not removed can hold.
+// capacity returns how many requests the workers not removed or ejected
+// can hold.
 func (b *Balancer[Req, Res]) capacity() int {
 	n := 0
 	for _, w := range b.roster.Load().workers {
-		if !w.gone.Load() {
+		if !w.gone.Load() && w.outUntil.Load() == 0 {
 			n += w.limit
 		}
 	}
@@ -1000,8 +1145,10 @@ func (b *Balancer[Req, Res]) loop() {
 		}
 		b.took = 0
 	}
-	for _, s := range b.sched.pool.slots {
-		close(s.w.reqs)
+	for _, w := range b.workers { // every worker but those removed, whose channels are closed
+		if !w.removed {
+			close(w.reqs)
+		}
 	}
 }
 
@@ -1202,7 +1349,8 @@ func (b *Balancer[Req, Res]) holdBack() bool {
 // dispatch queues r on the least-loaded worker, which has room.
 func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	b.took++
-	w := b.sched.dispatch()
+	w, probe := b.sched.dispatch()
+	r.probe = probe
 	if w.pending > w.concurrency && r.at == 0 {
 		r.at = b.now() // it waits in w's queue for a slot
 	}

@@ -1320,7 +1320,11 @@ func TestSlotsFailAndStopAlone(t *testing.T) {
 				assert.ErrorIs(t, err, ErrGoexit)
 			}
 			synctest.Wait()
-			assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 1, Running: 1, Completed: 10, Failed: 10, Panics: 5, Weight: 1}, untimed(b.Stats().Workers[0]))
+			// The only worker is never ejected, however it fails.
+			ws := untimed(b.Stats().Workers[0])
+			assert.InDelta(t, 1-math.Pow(7.0/8, 10), ws.FailureRate, 1e-4)
+			ws.FailureRate = 0
+			assert.Equal(t, WorkerStats{ID: 0, Concurrency: 3, Pending: 1, Running: 1, Completed: 10, Failed: 10, Panics: 5, Weight: 1, Streak: 10}, ws)
 			// Both free slots still serve, at once.
 			var cs []<-chan Result[int, int]
 			for i := range 2 {
@@ -3151,6 +3155,22 @@ func TestStatsForPeople(t *testing.T) {
 	assert.Equal(t, "accepted 10, pending 2, completed 8 (1 failed, 0 panicked), waiting 3, wait 1ms; "+
 		"worker 0: 2/4 running, 0 queued, 5 completed (1 failed, 0 panicked), service 2ms, wait 1ms; "+
 		"worker 3: 0/1 running, 0 queued, 3 completed (0 failed, 0 panicked), service 0s, wait 0s, weight 2, removed", s.String())
+	faults := Stats{Ejections: 3, Probes: 2, ProbeFailures: 1, Ejected: 2, Workers: []WorkerStats{
+		{ID: 1, Concurrency: 1, Weight: 1, FailureRate: 0.25, Streak: 2},
+		{ID: 2, Concurrency: 1, Weight: 1, FailureRate: 1, Streak: 5, Ejected: true,
+			EjectedUntil: time.Date(2026, 1, 2, 3, 4, 5, 6e6, time.UTC), Ejections: 1},
+		{ID: 4, Concurrency: 1, Weight: 1, Ejected: true, Probing: true, Ejections: 2},
+	}}
+	assert.Equal(t, "accepted 0, pending 0, completed 0 (0 failed, 0 panicked), waiting 0, wait 0s, "+
+		"2 ejected now, 3 ejections, 2 probes (1 failed); "+
+		"worker 1: 0/1 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s, failure rate 0.25, streak 2; "+
+		"worker 2: 0/1 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s, failure rate 1.00, streak 5, "+
+		"ejected until 03:04:05.006, 1 ejections; "+
+		"worker 4: 0/1 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s, ejected, probing, 2 ejections",
+		faults.String())
+	assert.Equal(t, "[concurrency=1 running=0 queued=0 completed=0 failed=0 panics=0 mean_service=0s mean_wait=0s total_wait=0s "+
+		"weight=1 removed=false failure_rate=1 streak=5 ejected=true ejected_until=2026-01-02 03:04:05.006 +0000 UTC probing=false ejections=1]",
+		faults.Workers[1].LogValue().String())
 	var buf strings.Builder
 	slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
 		if len(groups) == 0 && (a.Key == slog.TimeKey || a.Key == slog.LevelKey) {
@@ -3160,12 +3180,15 @@ func TestStatsForPeople(t *testing.T) {
 	}})).Info("balancer", "stats", s)
 	assert.Equal(t, "msg=balancer stats.accepted=10 stats.pending=2 stats.completed=8 stats.failed=1 stats.panics=0 "+
 		"stats.waiting=3 stats.mean_wait=1ms stats.total_wait=1s "+
+		"stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 "+
 		"stats.workers.0.concurrency=4 stats.workers.0.running=2 stats.workers.0.queued=0 stats.workers.0.completed=5 "+
 		"stats.workers.0.failed=1 stats.workers.0.panics=0 stats.workers.0.mean_service=2ms stats.workers.0.mean_wait=1ms "+
 		"stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false "+
+		"stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 "+
 		"stats.workers.3.concurrency=1 stats.workers.3.running=0 stats.workers.3.queued=0 stats.workers.3.completed=3 "+
 		"stats.workers.3.failed=0 stats.workers.3.panics=0 stats.workers.3.mean_service=0s stats.workers.3.mean_wait=0s "+
-		"stats.workers.3.total_wait=0s stats.workers.3.weight=2 stats.workers.3.removed=true\n", buf.String())
+		"stats.workers.3.total_wait=0s stats.workers.3.weight=2 stats.workers.3.removed=true "+
+		"stats.workers.3.failure_rate=0 stats.workers.3.streak=0 stats.workers.3.ejected=false stats.workers.3.ejections=0\n", buf.String())
 }
 
 // 12. Documentation that cannot drift.
@@ -3823,5 +3846,341 @@ func TestLineRefusedAtClose(t *testing.T) {
 		assert.NoError(t, <-closed)
 		assert.Equal(t, int64(1), ran.Load())
 		assert.Equal(t, uint64(1), b.Stats().Accepted)
+	})
+}
+
+// 14. Faults: classification, the failure rate, ejection and its probe.
+
+// errDown is a failing backend's error.
+var errDown = errors.New("down")
+
+// exactJitter makes every ejection exactly its nominal length.
+var exactJitter = &withHooks{jitter: func() float64 { return 0.5 }}
+
+// health is a worker's Streak and FailureRate.
+func health(b *Balancer[int, int], i int) (streak int, rate float64) {
+	w := b.Stats().Workers[i]
+	return w.Streak, w.FailureRate
+}
+
+// rateAfter is the failure rate after the given outcomes, 1 a Failure or
+// Overload and 0 a Success, with no time passing.
+func rateAfter(outcomes ...float64) float64 {
+	var e float64
+	for _, x := range outcomes {
+		e += (x - e) / failSmoothing
+	}
+	return e
+}
+
+func TestOutcomesAreClassified(t *testing.T) {
+	type status int // a Res that says what happened, as an HTTP status does
+	httpClass := func(s status, err error) Class {
+		switch {
+		case err != nil || s >= 500:
+			return Failure
+		case s == 429:
+			return Overload
+		}
+		return Success // other 4xx are the caller's
+	}
+	tests := []struct {
+		name     string
+		fn       Func[int, status]
+		opts     []Option
+		cancel   bool // the caller's ctx ends while the Func runs
+		streak   int
+		rate     float64
+		panicErr bool
+	}{
+		{name: "nil error", fn: func(context.Context, int) (status, error) { return 200, nil }},
+		{name: "an error", fn: func(context.Context, int) (status, error) { return 0, errDown }, streak: 1, rate: rateAfter(1)},
+		{name: "the caller's fault", fn: func(context.Context, int) (status, error) { return 0, CallersFault(errDown) }},
+		{name: "overload", fn: func(context.Context, int) (status, error) { return 0, Overloaded(errDown) }, rate: rateAfter(1)},
+		{name: "the caller gave up", cancel: true, fn: func(ctx context.Context, _ int) (status, error) {
+			<-ctx.Done()
+			return 0, ctx.Err()
+		}},
+		{name: "panic", fn: func(context.Context, int) (status, error) { panic("boom") }, streak: 1, rate: rateAfter(1), panicErr: true},
+		{name: "Goexit", fn: func(context.Context, int) (status, error) { runtime.Goexit(); return 0, nil }, streak: 1, rate: rateAfter(1)},
+		{name: "classifier: 503", fn: func(context.Context, int) (status, error) { return 503, nil },
+			opts: []Option{WithClassifier(httpClass)}, streak: 1, rate: rateAfter(1)},
+		{name: "classifier: 429", fn: func(context.Context, int) (status, error) { return 429, nil },
+			opts: []Option{WithClassifier(httpClass)}, rate: rateAfter(1)},
+		{name: "classifier: 404", fn: func(context.Context, int) (status, error) { return 404, nil },
+			opts: []Option{WithClassifier(httpClass)}},
+		{name: "classifier panics", fn: func(context.Context, int) (status, error) { return 200, nil },
+			opts: []Option{WithClassifier(func(status, error) Class { panic("classifier") })}, streak: 1, rate: rateAfter(1), panicErr: true},
+		{name: "classifier falls back to ClassOf", fn: func(context.Context, int) (status, error) { return 0, Overloaded(errDown) },
+			opts: []Option{WithClassifier(func(_ status, err error) Class { return ClassOf(err) })}, rate: rateAfter(1)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b, err := New(1, tt.fn, tt.opts...)
+				require.NoError(t, err)
+				defer b.Close()
+				ctx, cancel := context.WithCancel(context.Background())
+				defer cancel()
+				c, err := b.Submit(ctx, 0)
+				require.NoError(t, err)
+				if tt.cancel {
+					synctest.Wait()
+					cancel()
+				}
+				res := <-c
+				if tt.panicErr {
+					var pe *PanicError
+					assert.ErrorAs(t, res.Err, &pe)
+				}
+				synctest.Wait()
+				w := b.Stats().Workers[0]
+				assert.Equal(t, tt.streak, w.Streak, "streak")
+				assert.InDelta(t, tt.rate, w.FailureRate, 1.0/rateOne, "failure rate")
+			})
+		})
+	}
+}
+
+func TestClassMarksAndNames(t *testing.T) {
+	assert.Equal(t, Success, ClassOf(nil))
+	assert.Equal(t, Failure, ClassOf(errDown))
+	assert.Equal(t, Failure, ClassOf(&PanicError{Value: "x"}))
+	assert.Equal(t, Failure, ClassOf(ErrGoexit))
+	assert.Equal(t, Success, ClassOf(fmt.Errorf("wrapped: %w", CallersFault(errDown))))
+	assert.Equal(t, Overload, ClassOf(fmt.Errorf("wrapped: %w", Overloaded(errDown))))
+	assert.Equal(t, Overload, ClassOf(Overloaded(CallersFault(errDown))), "the outermost mark counts")
+	assert.ErrorIs(t, Overloaded(errDown), errDown)
+	assert.Equal(t, "down", CallersFault(errDown).Error())
+	assert.NoError(t, Overloaded(nil))
+	assert.NoError(t, CallersFault(nil))
+	assert.Equal(t, []string{"success", "failure", "overload", "ignore", "Class(9)"},
+		[]string{Success.String(), Failure.String(), Overload.String(), Ignore.String(), Class(9).String()})
+}
+
+func TestClassifierMustFit(t *testing.T) {
+	_, err := New(1, square, WithClassifier[int](nil))
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.ErrorContains(t, err, "nil classifier")
+	_, err = New(1, square, WithClassifier(func(string, error) Class { return Success }))
+	assert.ErrorIs(t, err, ErrInvalidArgument)
+	assert.ErrorContains(t, err, "want func(int, error) Class")
+}
+
+// A failure never makes a worker look faster, and a slow one makes it
+// look slower.
+func TestFailuresNeverLookFaster(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var took atomic.Int64
+		var fail atomic.Bool
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			time.Sleep(time.Duration(took.Load()))
+			if fail.Load() {
+				return 0, errDown
+			}
+			return i, nil
+		})
+		defer b.Close()
+		took.Store(int64(2 * time.Millisecond))
+		_, err := b.Do(context.Background(), 1)
+		require.NoError(t, err)
+		synctest.Wait()
+		assert.Equal(t, 2*time.Millisecond, b.Stats().Workers[0].MeanService)
+		fail.Store(true)
+		took.Store(int64(50 * time.Microsecond))
+		for range 4 {
+			_, err := b.Do(context.Background(), 1)
+			require.ErrorIs(t, err, errDown)
+		}
+		synctest.Wait()
+		assert.Equal(t, 2*time.Millisecond, b.Stats().Workers[0].MeanService, "fast failures leave the mean")
+		took.Store(int64(6 * time.Millisecond))
+		_, err = b.Do(context.Background(), 1)
+		require.ErrorIs(t, err, errDown)
+		synctest.Wait()
+		assert.Equal(t, 3*time.Millisecond, b.Stats().Workers[0].MeanService, "a slow failure rises it a quarter of the way")
+	})
+}
+
+func TestFailureRateRaisesCost(t *testing.T) {
+	for _, estimate := range []bool{true, false} {
+		t.Run(fmt.Sprint("estimate ", estimate), func(t *testing.T) {
+			h := newHeapHarness(4, estimate)
+			h.fixRef(time.Millisecond)
+			ok, bad := h.add(1), h.add(1)
+			for _, w := range []*worker[int, int]{ok, bad} {
+				w.observe(time.Millisecond, 0)
+				h.s.touch(w)
+			}
+			for range 4 { // a rate of 1 − (7/8)^4 ≈ 0.41: 1.71 times the cost
+				bad.foldHealth(1)
+			}
+			h.s.now = int64(bad.health.Load()>>16) << tickShift // the loop's time is the rate's
+			e := failRate(bad.health.Load(), h.s.now)
+			assert.InDelta(t, rateAfter(1, 1, 1, 1), e, 1.0/rateOne)
+			assert.Equal(t, 1/(1-e), h.s.penalty(bad))
+			h.s.touch(bad)
+			if estimate {
+				// 1.71 ms is on the step above the centre: 1.5 ms.
+				assert.Equal(t, 1.5*float64(time.Millisecond), h.s.cost(bad))
+				assert.Equal(t, float64(time.Millisecond), h.s.cost(ok))
+			} else {
+				assert.Equal(t, 1/(1-e), h.s.cost(bad))
+				assert.Equal(t, 1.0, h.s.cost(ok))
+			}
+			assert.Same(t, ok, h.p.root())
+			// A rate of noise stays on the centre step: equal.
+			if estimate {
+				bad.health.Store(0)
+				bad.foldHealth(1) // 1/8: 1.14 ms
+				h.s.touch(bad)
+				assert.Equal(t, h.s.cost(ok), h.s.cost(bad))
+			}
+			// The rate decays with time: after 10 s it is e^-1 of itself.
+			v := bad.health.Load()
+			h.s.now += int64(decay)
+			assert.InDelta(t, failRate(v, h.s.now-int64(decay))/math.E, failRate(v, h.s.now), 1e-9)
+		})
+	}
+}
+
+// newFailing starts a balancer of workers that run fn, worker 0 failing
+// while down is set, each at once; exactJitter makes ejections exact.
+func newFailing(t *testing.T, n int, down *atomic.Bool, fn Func[int, int], opts ...Option) *Balancer[int, int] {
+	specs := []WorkerSpec[int, int]{{Func: func(ctx context.Context, i int) (int, error) {
+		if down.Load() {
+			return 0, errDown
+		}
+		return i, nil
+	}}}
+	for range n - 1 {
+		specs = append(specs, WorkerSpec[int, int]{Func: fn})
+	}
+	b, err := NewFrom(specs, append([]Option{exactJitter, WithLoadEstimate(false)}, opts...)...)
+	require.NoError(t, err)
+	return b
+}
+
+// failTo fails requests on worker 0 of b, whose worker 1 is held busy,
+// until it is ejected, and returns how many failed.
+func failTo(t *testing.T, b *Balancer[int, int]) int {
+	t.Helper()
+	n := 0
+	for !b.Stats().Workers[0].Ejected {
+		res := <-mustSubmit(t, b, 0)
+		require.Equal(t, 0, res.Worker)
+		require.ErrorIs(t, res.Err, errDown)
+		n++
+		synctest.Wait()
+	}
+	return n
+}
+
+// holdWorker1 makes worker 0 of b fail once, so that it costs more, and
+// then has the next request hold worker 1, whose Func holds request 1.
+func holdWorker1(t *testing.T, b *Balancer[int, int]) <-chan Result[int, int] {
+	t.Helper()
+	for (<-mustSubmit(t, b, 2)).Worker != 0 {
+	}
+	held := mustSubmit(t, b, 1)
+	synctest.Wait()
+	running, _ := loads(b)
+	require.Equal(t, []int{0, 1}, running)
+	return held
+}
+
+func mustSubmit(t *testing.T, b *Balancer[int, int], i int) <-chan Result[int, int] {
+	t.Helper()
+	c, err := b.Submit(context.Background(), i)
+	require.NoError(t, err)
+	return c
+}
+
+func TestEjectionAndProbe(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var down atomic.Bool
+		down.Store(true)
+		g := newGates(1)
+		b := newFailing(t, 2, &down, func(ctx context.Context, i int) (int, error) {
+			if i == 1 {
+				return g.fn(ctx, 0)
+			}
+			return i, nil
+		})
+		defer b.Close()
+		start := time.Now()
+		at := func(d time.Duration) time.Time { return b.epoch.Add(time.Since(start) + d) }
+		// The first request fails on worker 0, which then costs more:
+		// the second goes to worker 1 and holds it, the next fail on 0.
+		require.ErrorIs(t, (<-mustSubmit(t, b, 0)).Err, errDown)
+		held := mustSubmit(t, b, 1)
+		synctest.Wait()
+		assert.Equal(t, ejectAfter-1, failTo(t, b), "ejected at its fifth failure in a row")
+		s := b.Stats()
+		assert.Equal(t, at(time.Second), s.Workers[0].EjectedUntil)
+		assert.Equal(t, uint64(1), s.Ejections)
+		assert.Equal(t, 1, s.Ejected)
+		_, err := b.TrySubmit(context.Background(), 2)
+		assert.ErrorIs(t, err, ErrFull, "an ejected worker is not capacity")
+
+		g.openAll()
+		require.NoError(t, (<-held).Err)
+		// Until the ejection ends, worker 1 serves everything.
+		time.Sleep(time.Second - time.Nanosecond)
+		assert.Equal(t, 1, (<-mustSubmit(t, b, 2)).Worker)
+		time.Sleep(time.Nanosecond)
+		// Then the next request is the probe: it fails, and the worker is
+		// out for twice as long.
+		res := <-mustSubmit(t, b, 2)
+		assert.Equal(t, 0, res.Worker)
+		assert.ErrorIs(t, res.Err, errDown)
+		// The loop takes a completion before its next dispatch, at the
+		// latest: Stats says what it did then.
+		assert.Equal(t, 1, (<-mustSubmit(t, b, 2)).Worker)
+		s = b.Stats()
+		assert.Equal(t, at(2*time.Second), s.Workers[0].EjectedUntil)
+		assert.Equal(t, [3]uint64{2, 1, 1}, [3]uint64{s.Ejections, s.Probes, s.ProbeFailures})
+
+		// It heals; its next probe succeeds and returns it, its failure
+		// rate cleared.
+		down.Store(false)
+		time.Sleep(2 * time.Second)
+		res = <-mustSubmit(t, b, 2)
+		assert.Equal(t, 0, res.Worker)
+		assert.NoError(t, res.Err)
+		got := map[int]int{}
+		for range 4 {
+			got[(<-mustSubmit(t, b, 2)).Worker]++
+		}
+		assert.Equal(t, map[int]int{0: 2, 1: 2}, got, "back in turn")
+		s = b.Stats()
+		assert.False(t, s.Workers[0].Ejected)
+		assert.Zero(t, s.Workers[0].FailureRate)
+		assert.Equal(t, [4]uint64{2, 2, 1, 0}, [4]uint64{s.Ejections, s.Probes, s.ProbeFailures, uint64(s.Ejected)})
+
+		// Failing again within 10 s of its return is an ejection in a row:
+		// 4 s. After 10 s back, it is a first one again: 1 s.
+		down.Store(true)
+		g = newGates(1)
+		held = holdWorker1(t, b)
+		failTo(t, b)
+		assert.Equal(t, at(4*time.Second), b.Stats().Workers[0].EjectedUntil)
+		g.openAll()
+		require.NoError(t, (<-held).Err)
+		down.Store(false)
+		time.Sleep(4 * time.Second)
+		res = <-mustSubmit(t, b, 0)
+		require.Equal(t, 0, res.Worker, "the probe")
+		require.NoError(t, res.Err)
+		<-mustSubmit(t, b, 0)
+		require.False(t, b.Stats().Workers[0].Ejected)
+		time.Sleep(time.Duration(inRowWithin) + 1)
+		down.Store(true)
+		g = newGates(1)
+		held = holdWorker1(t, b)
+		failTo(t, b)
+		assert.Equal(t, at(time.Second), b.Stats().Workers[0].EjectedUntil)
+		g.openAll()
+		require.NoError(t, (<-held).Err)
 	})
 }

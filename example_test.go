@@ -444,7 +444,7 @@ func ExampleStats_LogValue() {
 	defer b.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
 	logger.Info("pool", "stats", b.Stats())
-	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false
+	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0
 }
 
 // ExampleWorkerStats_LogValue logs one worker's figures.
@@ -456,7 +456,7 @@ func ExampleWorkerStats_LogValue() {
 	defer b.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
 	logger.Info("worker", "w", b.Stats().Workers[0])
-	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false
+	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false w.failure_rate=0 w.streak=0 w.ejected=false w.ejections=0
 }
 
 // withoutTime drops slog's time attribute, so that the output repeats.
@@ -813,16 +813,21 @@ func ExampleFanIn() {
 
 // Example_reverseProxy puts the balancer in front of real HTTP services: a
 // least-loaded reverse proxy over three backends of different speeds, each
-// of which serves four requests at once. Each backend is one worker of
-// concurrency 4, whose Func forwards over a transport of four connections,
-// so the balancer compares backends, not connections. The load estimate
-// (on by default) sends each request where it is expected to finish
-// first, so the fast backend serves the most. A backend is removed while requests are in
-// flight (none fails) and added back.
+// of which serves four requests at once, and a fourth whose service died
+// behind a live port: it answers 503 at once. Each backend is one worker of
+// concurrency 4, whose Func forwards over a transport of four connections
+// and returns the status it got, so the balancer compares backends, not
+// connections; a classifier reads the status: a 5xx or a transport error
+// fails the worker, a 429 is overload, another 4xx the caller's. The load
+// estimate (on by default) sends each request where it is expected to
+// finish first, so the fast backend serves the most, and the dead one is
+// ejected after five failures in a row instead of drawing the load with
+// its fast answers. A backend is removed while requests are in flight
+// (none fails) and added back.
 func Example_reverseProxy() {
 	const perBackend = 4 // requests each backend serves at once
 	delays := []time.Duration{time.Millisecond, 4 * time.Millisecond, 16 * time.Millisecond}
-	var served [3]atomic.Int64
+	var served [4]atomic.Int64
 	var urls []*url.URL
 	for i, delay := range delays {
 		slots := make(chan struct{}, perBackend)
@@ -837,8 +842,16 @@ func Example_reverseProxy() {
 		u, _ := url.Parse(backend.URL)
 		urls = append(urls, u)
 	}
+	dead := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served[3].Add(1)
+		http.Error(w, "no service", http.StatusServiceUnavailable)
+	}))
+	defer dead.Close()
+	deadURL, _ := url.Parse(dead.URL)
+	urls = append(urls, deadURL)
 
-	// A worker's request is an HTTP exchange to forward to its backend.
+	// A worker's request is an HTTP exchange to forward to its backend,
+	// and its result the status the backend answered.
 	type exchange struct {
 		w http.ResponseWriter
 		r *http.Request
@@ -849,22 +862,36 @@ func Example_reverseProxy() {
 			t.CloseIdleConnections()
 		}
 	}()
-	backend := func(u *url.URL) balancer.WorkerSpec[exchange, struct{}] {
+	backend := func(u *url.URL) balancer.WorkerSpec[exchange, int] {
 		transport := &http.Transport{MaxConnsPerHost: perBackend, MaxIdleConnsPerHost: perBackend}
 		transports = append(transports, transport)
 		proxy := httputil.NewSingleHostReverseProxy(u)
 		proxy.Transport = transport
-		return balancer.WorkerSpec[exchange, struct{}]{
-			Func: func(ctx context.Context, x exchange) (struct{}, error) {
-				proxy.ServeHTTP(x.w, x.r)
-				return struct{}{}, nil
+		proxy.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
+			w.(*recorder).err = err // a transport error: no answer at all
+			w.WriteHeader(http.StatusBadGateway)
+		}
+		return balancer.WorkerSpec[exchange, int]{
+			Func: func(ctx context.Context, x exchange) (int, error) {
+				rec := &recorder{ResponseWriter: x.w, status: http.StatusOK}
+				proxy.ServeHTTP(rec, x.r)
+				return rec.status, rec.err
 			},
 			Options: []balancer.WorkerOption{balancer.WithConcurrency(perBackend)},
 		}
 	}
-	lb, err := balancer.NewFrom([]balancer.WorkerSpec[exchange, struct{}]{
-		backend(urls[0]), backend(urls[1]), backend(urls[2]), // IDs 0, 1, 2
-	})
+	byStatus := func(status int, err error) balancer.Class {
+		switch {
+		case err != nil || status >= 500:
+			return balancer.Failure
+		case status == http.StatusTooManyRequests:
+			return balancer.Overload
+		}
+		return balancer.Success // another 4xx: the caller's
+	}
+	lb, err := balancer.NewFrom([]balancer.WorkerSpec[exchange, int]{
+		backend(urls[0]), backend(urls[1]), backend(urls[2]), backend(urls[3]), // IDs 0 to 3
+	}, balancer.WithClassifier(byStatus))
 	if err != nil {
 		panic(err)
 	}
@@ -892,10 +919,11 @@ func Example_reverseProxy() {
 					resp, err := client.Get(front.URL)
 					if err != nil || resp.StatusCode != http.StatusOK {
 						failed.Add(1)
-						continue
 					}
-					io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
+					if err == nil {
+						io.Copy(io.Discard, resp.Body)
+						resp.Body.Close()
+					}
 				}
 			})
 		}
@@ -903,9 +931,12 @@ func Example_reverseProxy() {
 		return failed.Load()
 	}
 
-	send(480)
+	failed := send(480)
 	fmt.Println("fast served more than medium:", served[0].Load() > served[1].Load())
 	fmt.Println("medium served more than slow:", served[1].Load() > served[2].Load())
+	fmt.Println("dead backend ejected:", lb.Stats().Workers[3].Ejected)
+	fmt.Println("fewer than 3 % failed:", failed < 480*3/100, failed == served[3].Load())
+	lb.RemoveWorker(context.Background(), 3) // retire it: no probe will find it back
 
 	// Remove the medium backend while requests flow, then add it back.
 	flowing := make(chan int64)
@@ -924,6 +955,203 @@ func Example_reverseProxy() {
 	// Output:
 	// fast served more than medium: true
 	// medium served more than slow: true
+	// dead backend ejected: true
+	// fewer than 3 % failed: true true
 	// requests failed while a backend was removed: 0
-	// re-added backend 3 served requests: true
+	// re-added backend 4 served requests: true
+}
+
+// recorder is a ResponseWriter that keeps the status written through it,
+// and the transport error that replaced an answer.
+type recorder struct {
+	http.ResponseWriter
+	status int
+	err    error
+}
+
+func (r *recorder) WriteHeader(status int) {
+	r.status = status
+	r.ResponseWriter.WriteHeader(status)
+}
+
+// ExampleClass shows how the default classification reads a Func's
+// errors, ClassOf: nil is a Success, an error marked with CallersFault is
+// the caller's (a Success for the worker), one marked with Overloaded is an
+// Overload, and any other error a Failure.
+func ExampleClass() {
+	errNotFound := errors.New("not found")
+	for _, err := range []error{
+		nil,
+		balancer.CallersFault(errNotFound),
+		balancer.Overloaded(errors.New("429 too many requests")),
+		errors.New("connection refused"),
+	} {
+		fmt.Printf("%v: %v\n", err, balancer.ClassOf(err))
+	}
+	// Output:
+	// <nil>: success
+	// not found: success
+	// 429 too many requests: overload
+	// connection refused: failure
+}
+
+// ExampleClassOf falls back to the default for errors a classifier does
+// not know.
+func ExampleClassOf() {
+	errValidation := errors.New("invalid input")
+	classify := func(_ string, err error) balancer.Class {
+		if errors.Is(err, errValidation) {
+			return balancer.Success // the caller's fault: the worker is fine
+		}
+		return balancer.ClassOf(err)
+	}
+	fmt.Println(classify("", fmt.Errorf("field x: %w", errValidation)))
+	fmt.Println(classify("", errors.New("timeout")))
+	// Output:
+	// success
+	// failure
+}
+
+// ExampleClass_String prints every class.
+func ExampleClass_String() {
+	for _, c := range []balancer.Class{balancer.Success, balancer.Failure, balancer.Overload, balancer.Ignore} {
+		fmt.Println(c)
+	}
+	// Output:
+	// success
+	// failure
+	// overload
+	// ignore
+}
+
+// ExampleCallersFault marks a validation error as the caller's: the worker
+// that returned it keeps a clean record.
+func ExampleCallersFault() {
+	b, err := balancer.New(1, func(ctx context.Context, n int) (int, error) {
+		if n < 0 {
+			return 0, balancer.CallersFault(fmt.Errorf("negative input %d", n))
+		}
+		return n, nil
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	_, err = b.Do(context.Background(), -1)
+	fmt.Println(err)
+	w := b.Stats().Workers[0]
+	fmt.Println("failure rate:", w.FailureRate, "streak:", w.Streak)
+	// Output:
+	// negative input -1
+	// failure rate: 0 streak: 0
+}
+
+// ExampleOverloaded marks a backend's refusal for load: the worker costs
+// more for a while, but is never ejected for it.
+func ExampleOverloaded() {
+	errBusy := errors.New("429 too many requests")
+	b, err := balancer.New(1, func(ctx context.Context, n int) (int, error) {
+		return 0, balancer.Overloaded(errBusy)
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	_, err = b.Do(context.Background(), 1)
+	fmt.Println(errors.Is(err, errBusy))
+	w := b.Stats().Workers[0]
+	fmt.Println("failure rate over 0:", w.FailureRate > 0, "streak:", w.Streak)
+	// Output:
+	// true
+	// failure rate over 0: true streak: 0
+}
+
+// ExampleWithClassifier classifies outcomes by the HTTP status a Func
+// returns as its Res: 5xx and transport errors fail the worker, 429 is
+// overload, other 4xx are the caller's.
+func ExampleWithClassifier() {
+	byStatus := func(status int, err error) balancer.Class {
+		switch {
+		case err != nil || status >= 500:
+			return balancer.Failure
+		case status == http.StatusTooManyRequests:
+			return balancer.Overload
+		}
+		return balancer.Success
+	}
+	statuses := []int{http.StatusOK, http.StatusNotFound, http.StatusTooManyRequests, http.StatusServiceUnavailable}
+	b, err := balancer.New(1, func(ctx context.Context, i int) (int, error) { return statuses[i], nil },
+		balancer.WithClassifier(byStatus))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	for i, s := range statuses {
+		b.Do(context.Background(), i)
+		fmt.Printf("%d: streak %d\n", s, b.Stats().Workers[0].Streak)
+	}
+	// Output:
+	// 200: streak 0
+	// 404: streak 0
+	// 429: streak 0
+	// 503: streak 1
+}
+
+// ExampleWithEjection shows a worker whose backend died being ejected,
+// and taken back by its probe once the backend is back.
+func ExampleWithEjection() {
+	var down atomic.Bool
+	down.Store(true)
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[int, int]{
+		{Func: func(ctx context.Context, n int) (int, error) { // worker 0: its backend died
+			if down.Load() {
+				return 0, errors.New("503 service unavailable")
+			}
+			return n, nil
+		}},
+		{Func: func(ctx context.Context, n int) (int, error) { // worker 1: healthy, a little slow
+			time.Sleep(time.Millisecond)
+			return n, nil
+		}},
+	}) // WithEjection(true) is the default
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	// Four callers keep worker 1 busy, so worker 0 gets requests too
+	// until its fifth failure in a row ejects it.
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for !b.Stats().Workers[0].Ejected {
+				b.Do(context.Background(), 1)
+			}
+		})
+	}
+	wg.Wait()
+	w := b.Stats().Workers[0]
+	fmt.Println("ejected:", w.Ejected, "ejections:", w.Ejections)
+
+	// It gets nothing until its ejection ends (0.5 to 1.5 s); then the
+	// next request is its probe, and a success takes it back.
+	down.Store(false)
+	time.Sleep(time.Until(w.EjectedUntil))
+	res := <-must(b.Submit(context.Background(), 2))
+	fmt.Println("probe served by worker", res.Worker, "error:", res.Err)
+	b.Do(context.Background(), 3) // the loop takes the probe's outcome before it dispatches this
+	s := b.Stats()
+	fmt.Println("ejected:", s.Workers[0].Ejected, "probes:", s.Probes, "failure rate:", s.Workers[0].FailureRate)
+	// Output:
+	// ejected: true ejections: 1
+	// probe served by worker 0 error: <nil>
+	// ejected: false probes: 1 failure rate: 0
+}
+
+// must returns v, or exits on err.
+func must[T any](v T, err error) T {
+	if err != nil {
+		log.Fatal(err)
+	}
+	return v
 }

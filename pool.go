@@ -21,8 +21,16 @@ import (
 type sched[Req, Res any] struct {
 	pool     pool[Req, Res]
 	estimate bool         // WithLoadEstimate, on by default
+	eject    bool         // WithEjection, on by default
 	clock    func() int64 // b.now: read only when a decision needs the time
 	seq      int64        // dispatch sequence number
+
+	// Ejections (see eject). The counters are written by the loop, read
+	// by Stats.
+	out                              []*worker[Req, Res] // the ejected workers, out of the heap
+	due                              int64               // the earliest until in out of a worker that may take its probe; 0 if none
+	jitter                           func() float64      // uniform in [0, 1): rand.Float64, or a test's
+	ejections, probes, probeFailures atomic.Uint64
 
 	// The estimates' common ground, with the load estimate only (see
 	// expect and key).
@@ -227,14 +235,29 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 		return math.Inf(1)
 	}
 	if !s.estimate {
+		if w.health.Load() != 0 {
+			return s.perSlot(w) * s.penalty(w)
+		}
 		return s.perSlot(w)
 	}
 	t := s.expect(w)
 	if now != 0 && t > 0 { // with no estimate at all, the count rule stands
 		t = max(t, float64(w.oldest(now)))
 	}
+	if w.health.Load() != 0 {
+		t *= s.penalty(w) // before key rounds it: a few failures are noise too
+	}
 	w.lastKey = s.key(w, t)
 	return float64(w.pending+w.concurrency) * w.lastKey / float64(w.concurrency)
+}
+
+// penalty is the factor by which w's failures raise its cost: 1/(1 − e)
+// for a failure rate e (see foldHealth) decayed to the loop's time, so a
+// worker that fails a share e of its requests costs what it would take to
+// get one success from it, up to 1/(1 − maxFailRate).
+func (s *sched[Req, Res]) penalty(w *worker[Req, Res]) float64 {
+	e := failRate(w.health.Load(), s.now)
+	return 1 / (1 - min(e, maxFailRate))
 }
 
 // expect is w's expected service time in ns as of the loop's time. A
@@ -392,10 +415,21 @@ func (s *sched[Req, Res]) add(w *worker[Req, Res]) {
 	s.pool.add(w, s.cost(w), s.perSlot(w), minSeq+int64(w.id))
 }
 
-// remove takes w out of the heap and out of the hold-back's count.
+// remove takes w out of the heap and out of the hold-back's count, or out
+// of the ejected; it may have to return an ejected worker (see ejectable).
 func (s *sched[Req, Res]) remove(w *worker[Req, Res]) {
-	s.pool.remove(w)
-	s.uncountBusy(w)
+	if w.ejected {
+		s.leave(w)
+		w.ejected, w.trial = false, false
+		w.outUntil.Store(0)
+		w.onTrial.Store(false)
+	} else {
+		s.pool.remove(w)
+		s.uncountBusy(w)
+	}
+	for len(s.out) > s.maxOut() { // never the last worker
+		s.restore(s.out[0])
+	}
 }
 
 // hasRoom reports whether some worker can take a request. Looking at the
@@ -407,8 +441,14 @@ func (s *sched[Req, Res]) hasRoom() bool {
 }
 
 // dispatch records one more request at the cheapest worker, which has
-// room, and returns that worker.
-func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
+// room, and returns that worker, or an ejected worker whose probe is due
+// (see eject), and whether the request is that probe.
+func (s *sched[Req, Res]) dispatch() (*worker[Req, Res], bool) {
+	if s.due != 0 {
+		if w := s.probeDue(); w != nil {
+			return w, true
+		}
+	}
 	w := s.pool.root()
 	kept, probe := s.pool.slots[0].cost, w.lapsed && !w.probing
 	if probe { // its kept cost is its prior's: its estimate expired (see expect)
@@ -432,7 +472,7 @@ func (s *sched[Req, Res]) dispatch() *worker[Req, Res] {
 	}
 	s.pool.dispatched(cost, s.perSlot(w), s.seq)
 	s.seq++
-	return w
+	return w, false
 }
 
 // complete records that w finished a request. With the load estimate it
@@ -447,13 +487,19 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 	} else if w.impatience > 0 {
 		s.trusted(w)
 	}
-	if !w.removed {
+	s.now = max(s.now, w.seen.Load())
+	switch {
+	case w.ejected:
+		s.completeOut(w)
+	case w.removed:
+	case s.eject && w.streak.Load() >= ejectAfter && s.ejectable():
+		s.ejectWorker(w)
+	default:
 		s.touch(w)
 	}
 	if !s.estimate {
 		return
 	}
-	s.now = max(s.now, w.seen.Load())
 	if s.completed++; s.completed >= s.reckonAt || s.now-s.refreshed >= reckonEvery {
 		s.reckon()
 	}
@@ -742,12 +788,15 @@ func (s *sched[Req, Res]) mayHold() bool {
 }
 
 // rootTime is the root's expected time for one more request: its cost
-// before key rounds it (see costAt).
+// before key rounds it (see costAt), its failures counted.
 func (s *sched[Req, Res]) rootTime() float64 {
 	w := s.pool.root()
 	t := float64(w.service.Load()) // the peak average: the hold-back reacts to a slowdown at once
 	if t == 0 {
 		t = s.ref / w.weight
+	}
+	if w.health.Load() != 0 {
+		t *= s.penalty(w)
 	}
 	n := max(w.pending+1, w.concurrency)
 	return float64(n) * t / float64(w.concurrency)
@@ -808,4 +857,226 @@ func (s *sched[Req, Res]) uncountBusy(w *worker[Req, Res]) {
 	if s.busy == 0 {
 		s.busyRate = 0 // no rounding error carried over
 	}
+}
+
+// Ejection. A worker whose last ejectAfter outcomes were Failures leaves
+// the heap for ejectBase, doubled for each ejection in a row up to
+// ejectMax, and scaled by a random factor in [0.5, 1.5), so that workers
+// that failed together do not all come back at once. Then the next
+// request dispatched is its probe (see probeDue): its outcome returns the
+// worker, ejects it again or, if it says nothing, makes the next request
+// its probe. Every step is the loop's, at a completion or a dispatch; the
+// clock is read only while some worker is ejected. The constants are
+// Linkerd's failure accrual's, with its 60 s cap halved: an in-process
+// pool wants a false ejection to be cheap, and Envoy's and gRPC's 30 s to
+// 300 s are made for fleets of hosts.
+const (
+	ejectAfter  = 5
+	ejectBase   = int64(time.Second)
+	ejectMax    = int64(30 * time.Second)
+	inRowWithin = int64(decay) // an ejection this soon after the worker's return counts as in a row
+)
+
+// maxOut is how many workers may be ejected at once: half of them, at
+// least one, never the last (Envoy's and Finagle's panic threshold, with
+// Envoy's lesson that a bare percentage ejects none of a few workers).
+func (s *sched[Req, Res]) maxOut() int {
+	live := s.pool.Len() + len(s.out)
+	return max(0, min(max(1, live/2), live-1))
+}
+
+// ejectable reports whether one more worker may be ejected.
+func (s *sched[Req, Res]) ejectable() bool { return len(s.out) < s.maxOut() }
+
+// ejectWorker takes w, which is in the heap, out of it: it gets no
+// requests until its probe.
+func (s *sched[Req, Res]) ejectWorker(w *worker[Req, Res]) {
+	now := s.clock()
+	if w.back == 0 || now-w.back > inRowWithin {
+		w.inRow = 0
+	}
+	s.pool.remove(w)
+	s.uncountBusy(w)
+	w.ejected = true
+	s.out = append(s.out, w)
+	s.banish(w, now)
+}
+
+// banish (re)starts w's ejection at now, for its next length in a row.
+func (s *sched[Req, Res]) banish(w *worker[Req, Res], now int64) {
+	d := min(ejectBase<<w.inRow, ejectMax)
+	w.inRow = min(w.inRow+1, 5) // 1 s << 5 is past ejectMax
+	w.until = now + int64(float64(d)*(0.5+s.jitter()))
+	w.trial = false
+	w.onTrial.Store(false)
+	w.outUntil.Store(w.until)
+	w.ejections.Add(1)
+	s.ejections.Add(1)
+	s.setDue()
+}
+
+// setDue finds the next probe due: the earliest end of an ejection whose
+// worker has room for its probe and none out.
+func (s *sched[Req, Res]) setDue() {
+	s.due = 0
+	for _, w := range s.out {
+		if !w.trial && w.pending < w.limit && (s.due == 0 || w.until < s.due) {
+			s.due = w.until
+		}
+	}
+}
+
+// probeDue returns the ejected worker whose probe is due, if any, and
+// records the dispatch of its probe. s.due must not be 0.
+func (s *sched[Req, Res]) probeDue() *worker[Req, Res] {
+	now := s.clock()
+	if now < s.due {
+		return nil
+	}
+	for _, w := range s.out {
+		if !w.trial && w.pending < w.limit && w.until <= now {
+			w.trial = true
+			w.pending++
+			w.probeClass.Store(0)
+			w.onTrial.Store(true)
+			s.probes.Add(1)
+			s.setDue()
+			return w
+		}
+	}
+	s.setDue() // cannot happen: due is one of out's
+	return nil
+}
+
+// completeOut records a completion of w, which is ejected: the outcome of
+// its probe, if that was it.
+func (s *sched[Req, Res]) completeOut(w *worker[Req, Res]) {
+	if !w.trial {
+		if s.due == 0 || w.until < s.due {
+			s.setDue() // it may have room for its probe now
+		}
+		return
+	}
+	c := w.probeClass.Load()
+	if c == 0 {
+		return // an older request
+	}
+	switch Class(c - 1) {
+	case Success, Overload:
+		s.restore(w)
+	case Failure:
+		s.probeFailures.Add(1)
+		s.banish(w, s.clock())
+	default: // it says nothing: the next request probes again
+		w.trial = false
+		w.onTrial.Store(false)
+		w.until = min(w.until, s.clock())
+		s.setDue()
+	}
+}
+
+// restore returns w, which is ejected, to the heap; it sorts after the
+// workers of equal cost.
+func (s *sched[Req, Res]) restore(w *worker[Req, Res]) {
+	s.leave(w)
+	w.ejected, w.trial = false, false
+	w.back = s.clock()
+	w.outUntil.Store(0)
+	w.onTrial.Store(false)
+	s.pool.add(w, s.cost(w), s.perSlot(w), s.seq)
+	if w.pending == w.limit {
+		s.countBusy(w)
+	}
+}
+
+// leave takes w out of out.
+func (s *sched[Req, Res]) leave(w *worker[Req, Res]) {
+	i := slices.Index(s.out, w)
+	s.out = slices.Delete(s.out, i, i+1)
+	s.setDue()
+}
+
+// The failure rate: a moving average of a worker's outcomes (1 a Failure
+// or Overload, 0 a Success), each moving it 1/failSmoothing of the way,
+// that also decays toward 0 with time, e^(−t/decay): an idle or ejected
+// worker is not condemned for good. It is kept in one word, health: the
+// rate in the low 16 bits (rateOne is 1), and when it last moved in the
+// rest, in ticks of 2^20 ns (about 1 ms). A rate under rateOne/128 that a
+// Success lowers is cleared, so that a healthy worker's word is 0, which
+// costs it nothing. The penalty caps the rate at maxFailRate: a worker
+// that fails every request costs 20 times its speed.
+const (
+	failSmoothing = 8
+	rateOne       = 1<<16 - 1
+	tickShift     = 20
+	maxFailRate   = 0.95
+)
+
+// failRate is the rate in health as of now, a clock reading.
+func failRate(health uint64, now int64) float64 {
+	e := float64(health&rateOne) / rateOne
+	if dt := now - int64(health>>16)<<tickShift; e > 0 && dt > 0 {
+		e *= math.Exp(-float64(dt) / float64(decay))
+	}
+	return e
+}
+
+// account records the class c of r's outcome in w's health: a Success ends
+// its run of Failures and lowers its failure rate (a probe's clears it), a
+// Failure lengthens the run and raises the rate, an Overload raises the
+// rate. The outcome of a probe is also kept for the loop (see
+// completeOut). w's slots call it concurrently.
+func (w *worker[Req, Res]) account(r request[Req, Res], c Class) {
+	switch c {
+	case Success:
+		if w.streak.Load() != 0 {
+			w.streak.Store(0)
+		}
+		if r.probe {
+			w.health.Store(0)
+		} else if w.health.Load() != 0 {
+			w.foldHealth(0)
+		}
+	case Failure:
+		w.streak.Add(1)
+		w.foldHealth(1)
+	case Overload:
+		w.foldHealth(1)
+	}
+	if r.probe {
+		w.probeClass.Store(uint32(c) + 1)
+	}
+}
+
+// foldHealth moves w's failure rate toward x, 1 or 0.
+func (w *worker[Req, Res]) foldHealth(x float64) {
+	now := w.b.now()
+	for {
+		old := w.health.Load()
+		e := failRate(old, now)
+		e += (x - e) / failSmoothing
+		next := uint64(0)
+		if q := uint64(math.Round(e * rateOne)); x > 0 || q >= rateOne/128 {
+			next = uint64(now>>tickShift)<<16 | max(q, 1)
+		}
+		if w.health.CompareAndSwap(old, next) {
+			return
+		}
+	}
+}
+
+// observeFailure folds the run time d of a Failure or Overload that ended
+// at end into w's estimate as at least the worker's moving average, or its
+// prior before it has one: a failure never makes a worker look faster,
+// and a slow one (a timeout) makes it look slower. A worker with neither
+// has nothing to keep: a failure does not set its first estimate.
+func (w *worker[Req, Res]) observeFailure(d time.Duration, end int64) {
+	floor := w.service.Load()
+	if floor == 0 {
+		floor = int64(float64(w.b.ref.Load()) / w.weight)
+	}
+	if floor == 0 {
+		return
+	}
+	w.observe(max(d, time.Duration(floor)), end)
 }

@@ -19,6 +19,7 @@ type request[Req, Res any] struct {
 	req   Req
 	reply chan<- Result[Req, Res]  // capacity 1 and sent to once, so the send never blocks
 	keep  bool                     // reply is Do's pooled channel: leave it open for reuse
+	probe bool                     // the request is its ejected worker's probe (see sched.eject)
 	cmd   *command[Req, Res]       // not a request but a command for the loop (see Balancer.command)
 	at    int64                    // b.now() when it started to wait for a slot; 0 if it has not waited
 	batch chan<- indexed[Req, Res] // instead of reply, for All: shared, with room for every request in flight
@@ -96,6 +97,12 @@ type worker[Req, Res any] struct {
 	probing                   bool    // it was given a request because its estimate had expired
 	probeSeen                 int64   // seen when that probe was dispatched
 	inLine                    int     // completions in a row with an estimate in line with its prior (see trusted)
+	// Ejection (see sched.eject): out of the heap until until, then
+	// given one probe (trial); inRow counts its ejections in a row, back
+	// is when it last returned.
+	ejected, trial bool
+	until, back    int64
+	inRow          int
 
 	// runners[i] describes slot i to the other goroutines; the slot's
 	// goroutine writes it.
@@ -111,6 +118,14 @@ type worker[Req, Res any] struct {
 	waited    atomic.Int64  // the sum of those waits, in ns
 	failed    atomic.Uint64
 	panics    atomic.Uint64
+	ejections atomic.Uint64 // written by the loop
+	outUntil  atomic.Int64  // while ejected, when its ejection ends; 0 in service; the loop writes it
+	onTrial   atomic.Bool   // its probe is out; the loop writes it
+
+	// Its health, written by its slots (see account), read by the loop.
+	streak     atomic.Int64  // Failures in a row
+	health     atomic.Uint64 // the failure rate and when it moved (see foldHealth)
+	probeClass atomic.Uint32 // 1 + the Class of its probe's outcome, 0 before
 
 	// The rest of the estimate: written by its slots (see observe), read
 	// by the loop.
@@ -170,22 +185,24 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	}
 	observeWait(w, wait)
 	res := Result[Req, Res]{Req: r.req, Worker: w.id}
+	class := Ignore // not run: the outcome says nothing about the worker
 	switch {
 	case w.b.abortCtx.Err() != nil:
 		res.Err = ErrClosed // Shutdown gave up waiting before r started
 	case r.ctx.Err() != nil:
-		res.Err = r.ctx.Err() // not run: its caller no longer wants it
+		res.Err = r.ctx.Err() // its caller no longer wants it
 	default:
-		w.call(slot, start, r, &res)
+		class = w.call(slot, start, r, &res)
 	}
-	w.finish(slot, r, res)
+	w.finish(slot, r, res, class)
 }
 
-// call runs the Func for r on slot i. A panic becomes a *PanicError. If the
-// Func calls runtime.Goexit, this goroutine cannot be saved: call delivers
-// the outcome itself, frees the slot and starts a replacement goroutine for
-// it, which takes over its count in live.
-func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) {
+// call runs the Func for r on slot i and returns the outcome's class (see
+// classify). A panic, in the Func or the classifier, becomes a *PanicError
+// and a Failure. If the Func calls runtime.Goexit, this goroutine cannot be
+// saved: call delivers the outcome itself, frees the slot and starts a
+// replacement goroutine for it, which takes over its count in live.
+func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) (class Class) {
 	ctx, cancel := w.b.runContext(r.ctx)
 	returned := false
 	defer func() {
@@ -193,6 +210,7 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 		if returned {
 			return
 		}
+		class = Failure
 		if v := recover(); v != nil {
 			w.panics.Add(1)
 			res.Value = *new(Res)
@@ -200,25 +218,51 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 			return
 		}
 		res.Value, res.Err = *new(Res), ErrGoexit
-		w.finish(i, r, *res)
+		w.finish(i, r, *res, Failure)
 		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
 		go w.run(i)
 	}()
 	w.runners[i].since.Store(start)
 	res.Value, res.Err = w.fn(ctx, r.req)
 	end := w.b.now()
-	w.observe(time.Duration(end-start), end)
+	class = w.b.classOf(r.ctx, res.Value, res.Err)
+	switch class {
+	case Success:
+		w.observe(time.Duration(end-start), end)
+	case Failure, Overload:
+		w.observeFailure(time.Duration(end-start), end)
+	}
 	returned = true
+	return class
 }
 
-// finish hands res to the caller and the freed slot to the loop. The counters
-// are written before the completion is reported, so once the loop has seen
-// every completion they are final.
-func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req, Res]) {
+// classOf classifies an outcome of a Func that returned (see
+// WithClassifier): an error after the request's ctx ended, or after
+// Shutdown gave up, is Ignore; then the user's classifier decides, or
+// ClassOf.
+func (b *Balancer[Req, Res]) classOf(ctx context.Context, v Res, err error) Class {
+	if err != nil && (ctx.Err() != nil || b.abortCtx.Err() != nil) {
+		return Ignore
+	}
+	if b.classify != nil {
+		return b.classify(v, err)
+	}
+	if err == nil {
+		return Success
+	}
+	return ClassOf(err)
+}
+
+// finish hands res, of class c, to the caller and the freed slot to the
+// loop. The counters and the worker's health are written before the
+// completion is reported, so once the loop has seen every completion they
+// are final, and the loop sees the health each completion left.
+func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req, Res], c Class) {
 	w.runners[slot].since.Store(0)
 	if res.Err != nil {
 		w.failed.Add(1)
 	}
+	w.account(r, c)
 	w.completed.Add(1)
 	w.running.Add(-1)
 	// The slot is reported before the result is delivered, so a caller
@@ -245,6 +289,12 @@ type Stats struct {
 	Failed uint64
 	// Panics counts Funcs that panicked (each also counts as Failed).
 	Panics uint64
+	// Ejections counts workers ejected since New, each time (see
+	// WithEjection); Probes the probes sent to ejected workers, and
+	// ProbeFailures those that ejected their worker again. Ejected counts
+	// the workers ejected now.
+	Ejections, Probes, ProbeFailures uint64
+	Ejected                          int
 	// Waiting counts the requests in front of the balancer, not yet
 	// given to a worker: callers waiting in Do or Submit because every
 	// worker is full (or held back for a faster one, see
@@ -288,6 +338,21 @@ type WorkerStats struct {
 	TotalWait time.Duration
 	Weight    float64 // as given by WithWeight; 1 by default
 	Removed   bool    // RemoveWorker was called; it is finishing its queue
+
+	// FailureRate is a moving average of its outcomes' classes, a Failure
+	// or Overload counting 1 and a Success 0, each moving it an eighth of
+	// the way, decayed toward 0 with time (e^(−t/10 s)): its cost is
+	// 1/(1 − FailureRate) times its speed's, up to 20 times. Streak counts
+	// its latest outcomes that were each a Failure (see WithEjection).
+	FailureRate float64
+	Streak      int
+	// Ejected reports that it gets no requests but its probe: until
+	// EjectedUntil, and then while Probing, its probe is out. Ejections
+	// counts its ejections since it was added.
+	Ejected      bool
+	EjectedUntil time.Time
+	Probing      bool
+	Ejections    uint64
 }
 
 // Stats returns a snapshot of the balancer's figures. It never blocks, and
@@ -323,6 +388,14 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 			TotalWait:   time.Duration(c.waited),
 			Weight:      w.weight,
 			Removed:     w.gone.Load(),
+			FailureRate: failRate(w.health.Load(), b.now()),
+			Streak:      int(w.streak.Load()),
+			Probing:     w.onTrial.Load(),
+			Ejections:   w.ejections.Load(),
+		}
+		if until := w.outUntil.Load(); until != 0 {
+			ws.Ejected, ws.EjectedUntil = true, b.epoch.Add(time.Duration(until-1))
+			s.Ejected++
 		}
 		s.Workers[i] = ws
 		s.Pending += ws.Pending
@@ -340,6 +413,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	// accepted before it can complete.
 	s.Accepted = b.accepted.Load()
 	s.Waiting = int(b.waiting.Load() + b.queued.Load())
+	s.Ejections, s.Probes, s.ProbeFailures = b.sched.ejections.Load(), b.sched.probes.Load(), b.sched.probeFailures.Load()
 	return s
 }
 
@@ -348,6 +422,9 @@ func (s Stats) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "accepted %d, pending %d, completed %d (%d failed, %d panicked), waiting %d, wait %v",
 		s.Accepted, s.Pending, s.Completed, s.Failed, s.Panics, s.Waiting, s.MeanWait)
+	if s.Ejections > 0 {
+		fmt.Fprintf(&b, ", %d ejected now, %d ejections, %d probes (%d failed)", s.Ejected, s.Ejections, s.Probes, s.ProbeFailures)
+	}
 	for _, w := range s.Workers {
 		b.WriteString("; ")
 		b.WriteString(w.String())
@@ -357,13 +434,27 @@ func (s Stats) String() string {
 
 // String is one line for people, such as "worker 2: 3/4 running, 1
 // queued, 120 completed (2 failed, 0 panicked), service 2ms, wait 150µs".
-// Weight appears if it is not 1, and "removed" if RemoveWorker was called.
+// Weight appears if it is not 1; the failure rate and streak if either is
+// not 0; "ejected until" a time, or "probing", if it is ejected; its
+// ejections if any; and "removed" if RemoveWorker was called.
 func (w WorkerStats) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "worker %d: %d/%d running, %d queued, %d completed (%d failed, %d panicked), service %v, wait %v",
 		w.ID, w.Running, w.Concurrency, w.Queued, w.Completed, w.Failed, w.Panics, w.MeanService, w.MeanWait)
 	if w.Weight != 1 {
 		fmt.Fprintf(&b, ", weight %v", w.Weight)
+	}
+	if w.FailureRate != 0 || w.Streak != 0 {
+		fmt.Fprintf(&b, ", failure rate %.2f, streak %d", w.FailureRate, w.Streak)
+	}
+	switch {
+	case w.Probing:
+		b.WriteString(", ejected, probing")
+	case w.Ejected:
+		fmt.Fprintf(&b, ", ejected until %s", w.EjectedUntil.Format("15:04:05.000"))
+	}
+	if w.Ejections > 0 {
+		fmt.Fprintf(&b, ", %d ejections", w.Ejections)
 	}
 	if w.Removed {
 		b.WriteString(", removed")
@@ -387,13 +478,18 @@ func (s Stats) LogValue() slog.Value {
 		slog.Int("waiting", s.Waiting),
 		slog.Duration("mean_wait", s.MeanWait),
 		slog.Duration("total_wait", s.TotalWait),
+		slog.Int("ejected", s.Ejected),
+		slog.Uint64("ejections", s.Ejections),
+		slog.Uint64("probes", s.Probes),
+		slog.Uint64("probe_failures", s.ProbeFailures),
 		slog.Attr{Key: "workers", Value: slog.GroupValue(workers...)},
 	)
 }
 
-// LogValue makes WorkerStats a structured slog group of its figures.
+// LogValue makes WorkerStats a structured slog group of its figures;
+// ejected_until and probing only while it is ejected.
 func (w WorkerStats) LogValue() slog.Value {
-	return slog.GroupValue(
+	attrs := []slog.Attr{
 		slog.Int("concurrency", w.Concurrency),
 		slog.Int("running", w.Running),
 		slog.Int("queued", w.Queued),
@@ -405,7 +501,14 @@ func (w WorkerStats) LogValue() slog.Value {
 		slog.Duration("total_wait", w.TotalWait),
 		slog.Float64("weight", w.Weight),
 		slog.Bool("removed", w.Removed),
-	)
+		slog.Float64("failure_rate", w.FailureRate),
+		slog.Int("streak", w.Streak),
+		slog.Bool("ejected", w.Ejected),
+	}
+	if w.Ejected {
+		attrs = append(attrs, slog.Time("ejected_until", w.EjectedUntil), slog.Bool("probing", w.Probing))
+	}
+	return slog.GroupValue(append(attrs, slog.Uint64("ejections", w.Ejections))...)
 }
 
 var (
