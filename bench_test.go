@@ -3,6 +3,7 @@ package balancer_test
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -313,6 +314,46 @@ type scenario struct {
 	period, from, length time.Duration
 	stallAt, stallFor    time.Duration
 	recovery             bool
+	// The first failing workers fail each request with probability
+	// failP (see fails), in 50 µs, while the arrival time modulo
+	// failEvery is in [failAt, failAt+failFor) if failFor is set.
+	failing                    int
+	failP                      float64
+	failEvery, failAt, failFor time.Duration
+}
+
+// failTime is how long a failing worker takes to fail a request.
+const failTime = 50 * time.Microsecond
+
+// errBackend is a failing worker's error.
+var errBackend = errors.New("backend failed")
+
+// fails reports whether request req, started at at, fails on worker i: a
+// draw that depends on req and i alone, so that every dispatcher sees the
+// same failures.
+func (s scenario) fails(i, req int, at time.Duration) bool {
+	if i >= s.failing || !s.failingAt(at) {
+		return false
+	}
+	if s.failP >= 1 {
+		return true
+	}
+	x := uint64(req)*0x9e3779b97f4a7c15 ^ uint64(i+1)*0xbf58476d1ce4e5b9 // splitmix64's finaliser
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return float64(x>>11)/(1<<53) < s.failP
+}
+
+// failingAt reports whether the failing workers fail at at.
+func (s scenario) failingAt(at time.Duration) bool {
+	if s.failFor == 0 {
+		return true
+	}
+	in := at % s.failEvery
+	return in >= s.failAt && in < s.failAt+s.failFor
 }
 
 const meanService = 2 * time.Millisecond
@@ -353,10 +394,14 @@ func (s scenario) window(at time.Duration) bool {
 }
 
 // capacity is the requests per second the workers serve outside
-// brownouts and stalls.
+// brownouts and stalls, not counting workers that fail every request
+// throughout (except the only worker, for whom it is as if it served).
 func (s scenario) capacity() float64 {
 	var c float64
 	for i := range s.workers {
+		if i < s.failing && s.failP >= 1 && s.failFor == 0 && s.failing < s.workers {
+			continue
+		}
 		f := 1.0
 		if s.period == 0 {
 			f = s.slowdown(i, 0)
@@ -401,12 +446,32 @@ func replay(t *testing.T, s scenario, w workload, name string) (lat []time.Durat
 // offer offers w to dispatcher name and returns the latency of each
 // request from its arrival to its result, and the worker that served it.
 func offer(t testing.TB, s scenario, w workload, name string) (lat []time.Duration, who []int) {
-	lat, who = make([]time.Duration, len(w.at)), make([]int, len(w.at))
+	r := offerRun(t, s, w, name)
+	return r.lat, r.who
+}
+
+// run is what one replay of a workload to one dispatcher produced.
+type run struct {
+	lat        []time.Duration // from arrival to outcome
+	who        []int           // the worker that served each request
+	failed     []bool          // its outcome was an error
+	stats      balancer.Stats  // the balancer's, at the end
+	maxEjected int             // the most workers the balancer had ejected at once, at any millisecond
+}
+
+// offerRun is offer with the failures and the balancer's figures.
+func offerRun(t testing.TB, s scenario, w workload, name string) run {
+	r := run{lat: make([]time.Duration, len(w.at)), who: make([]int, len(w.at)), failed: make([]bool, len(w.at))}
+	lat, who := r.lat, r.who
 	start := time.Now()
 	serve := func(i int) balancer.Func[int, int] {
 		return func(ctx context.Context, req int) (int, error) {
 			who[req] = i
 			at := time.Since(start)
+			if s.fails(i, req, at) {
+				time.Sleep(failTime)
+				return 0, errBackend
+			}
 			if end, ok := s.stalled(i, at); ok {
 				time.Sleep(end - at)
 			}
@@ -415,16 +480,32 @@ func offer(t testing.TB, s scenario, w workload, name string) (lat []time.Durati
 		}
 	}
 	var d dispatcher
+	var lb *balancer.Balancer[int, int]
+	stop := make(chan struct{})
+	var sampled sync.WaitGroup
 	switch name {
-	case "count", "estimate":
+	case "count", "estimate", noEjection:
 		b, err := balancer.New(0, serve(0), balancer.WithQueueDepth(s.depth),
-			balancer.WithConcurrency(s.concurrency), balancer.WithLoadEstimate(name == "estimate"))
+			balancer.WithConcurrency(s.concurrency), balancer.WithLoadEstimate(name != "count"),
+			balancer.WithEjection(name != noEjection))
 		require.NoError(t, err)
 		for i := range s.workers {
 			_, err := b.AddWorker(serve(i))
 			require.NoError(t, err)
 		}
-		d = b
+		d, lb = b, b
+		if s.failing > 0 {
+			sampled.Go(func() { // how many are ejected, every millisecond
+				for {
+					select {
+					case <-stop:
+						return
+					case <-time.After(time.Millisecond):
+						r.maxEjected = max(r.maxEjected, lb.Stats().Ejected)
+					}
+				}
+			})
+		}
 	case "oracle":
 		d = newQueuePool(s.workers, s.concurrency, unbounded, serve, func(p *queuePool) int {
 			return oracle(p, s, time.Since(start))
@@ -438,13 +519,23 @@ func offer(t testing.TB, s scenario, w workload, name string) (lat []time.Durati
 		time.Sleep(time.Until(due))
 		wg.Go(func() {
 			_, err := d.Do(context.Background(), i)
-			assert.NoError(t, err)
+			if err != nil && s.failing > 0 {
+				assert.ErrorIs(t, err, errBackend)
+				r.failed[i] = true
+			} else {
+				assert.NoError(t, err)
+			}
 			lat[i] = time.Since(due)
 		})
 	}
 	wg.Wait()
+	close(stop)
+	sampled.Wait()
+	if lb != nil {
+		r.stats = lb.Stats()
+	}
 	require.NoError(t, d.Close())
-	return lat, who
+	return r
 }
 
 // unbounded is the queue per slot of the dispatchers that pick a worker at
@@ -461,6 +552,9 @@ func oracle(p *queuePool, s scenario, now time.Duration) int {
 		cost := (float64(p.pending[i].Load())/float64(s.concurrency) + 1) * s.slowdown(i, now) * float64(meanService)
 		if end, ok := s.stalled(i, now); ok {
 			cost += float64(end - now)
+		}
+		if i < s.failing && s.failingAt(now) {
+			cost /= 1 - min(s.failP, 0.999) // what a success costs there
 		}
 		if cost < bestCost {
 			best, bestCost = i, cost
@@ -745,6 +839,185 @@ func TestBalanceHeadlines(t *testing.T) {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// The dispatchers of the fault table besides qualityDispatchers': the
+// balancer with ejection off (the failure rate's cost alone), and the
+// balancer on the same workload with no failures.
+const (
+	noEjection = "estimate, no ejection"
+	healthy    = "estimate, no failures"
+)
+
+var faultDispatchers = []string{"estimate", noEjection, "count", "shared", "p2c", "roundrobin", "oracle"}
+
+// faultScenarios are the rows of the fault table: 8 workers unless said,
+// load 0.5 of the healthy workers' capacity, failures taking 50 µs.
+func faultScenarios() []scenario {
+	even := scenario{workers: 8, concurrency: 1, depth: 1, load: 0.5, failing: 1, failP: 1}
+	var all []scenario
+	add := func(name string, s scenario) {
+		s.name = name
+		all = append(all, s)
+	}
+	add("1 of 8 fails every request", even)
+	proxy := even
+	proxy.workers, proxy.concurrency = 4, 4
+	add("1 of 4 of concurrency 4 fails every request", proxy)
+	heals := even
+	heals.failEvery, heals.failAt, heals.failFor = 30*time.Second, 5*time.Second, 4*time.Second
+	add("1 of 8 fails for 4 s of 30 s", heals)
+	half := even
+	half.failP = 0.5
+	add("1 of 8 fails half its requests", half)
+	rare := even
+	rare.failing, rare.failP = 8, 0.01
+	add("every worker fails 1 % at random", rare)
+	most := even
+	most.failing = 5
+	add("5 of 8 fail every request", most)
+	add("1 of 1 fails every request", scenario{workers: 1, concurrency: 1, depth: 1, load: 0.5, failing: 1, failP: 1})
+	return all
+}
+
+// faultFigures are one dispatcher's figures in one fault scenario.
+type faultFigures struct {
+	q          [3]time.Duration // of the requests that succeeded
+	share      float64          // of the requests, the failing workers' (while they fail)
+	failed     float64          // of the requests, those that failed
+	back       float64          // in a scenario that heals, worker 0's share ÷ fair 6 to 14 s after
+	perEpisode float64          // in a scenario that heals, failures per episode of failure
+	probes     float64          // the balancer's probes per episode, or in all
+	stats      balancer.Stats
+	maxEjected int
+}
+
+// Windows after a failing worker heals in which its share is reported.
+const (
+	backFrom = 6 * time.Second
+	backTo   = 14 * time.Second
+)
+
+// measureFaults replays one seeded workload of n requests to every
+// dispatcher and returns each one's figures.
+func measureFaults(t *testing.T, s scenario, names []string, seed uint64, n int) map[string]faultFigures {
+	w := newWorkload(s, seed, n)
+	f := map[string]faultFigures{}
+	for _, name := range names {
+		sc, d := s, name
+		if name == healthy {
+			sc.failing, d = 0, "estimate"
+		}
+		var r run
+		synctest.Test(t, func(t *testing.T) { r = offerRun(t, sc, w, d) })
+		g := faultFigures{stats: r.stats, maxEjected: r.maxEjected}
+		var ok []time.Duration
+		var all, failing, failed float64
+		for i, at := range w.at {
+			if !r.failed[i] {
+				ok = append(ok, r.lat[i])
+			}
+			if !s.failingAt(at) {
+				continue
+			}
+			all++
+			if r.who[i] < s.failing {
+				failing++
+			}
+			if r.failed[i] {
+				failed++
+			}
+		}
+		slices.Sort(ok)
+		for k, p := range []float64{0.5, 0.99, 0.999} {
+			if len(ok) > 0 {
+				g.q[k] = ok[int(p*float64(len(ok)-1))]
+			}
+		}
+		g.share, g.failed = failing/all, failed/all
+		g.probes = float64(r.stats.Probes)
+		if s.failFor > 0 {
+			last := w.at[len(w.at)-1]
+			var episodes float64
+			for end := s.failAt + s.failFor; end+backTo <= last; end += s.failEvery {
+				g.back += shares(s, w, r.who, end+backFrom, end+backTo)[0]
+				episodes++
+			}
+			g.back /= max(episodes, 1)
+			g.perEpisode = failed / math.Ceil(float64(last)/float64(s.failEvery))
+			g.probes /= math.Ceil(float64(last) / float64(s.failEvery))
+		}
+		f[name] = g
+	}
+	return f
+}
+
+// TestFaultHeadlines is the fault table's headline rows, small enough for
+// every run of the suite (20 000 requests a row, a new seed each run).
+func TestFaultHeadlines(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d (BALANCER_QUALITY_SEED=%d BALANCER_QUALITY=20000 go test -run TestFaultQuality -v . prints its table)", seed, seed)
+	rows := map[string]func(t *testing.T, s scenario, g faultFigures){
+		"1 of 8 fails every request": func(t *testing.T, s scenario, g faultFigures) {
+			assert.Less(t, g.share, 0.01, "its share")
+		},
+		"1 of 4 of concurrency 4 fails every request": func(t *testing.T, s scenario, g faultFigures) {
+			assert.Less(t, g.share, 0.01, "its share")
+		},
+		"1 of 8 fails half its requests": func(t *testing.T, s scenario, g faultFigures) {
+			assert.Less(t, g.share, 0.05, "its share")
+		},
+		"5 of 8 fail every request": func(t *testing.T, s scenario, g faultFigures) {
+			assert.LessOrEqual(t, g.maxEjected, 4, "ejected at once")
+			assert.Less(t, g.share, 0.1, "the failing workers' share")
+		},
+		"1 of 1 fails every request": func(t *testing.T, s scenario, g faultFigures) {
+			assert.Zero(t, g.stats.Ejections, "ejections")
+			assert.Equal(t, 1.0, g.failed, "failed")
+		},
+	}
+	for _, s := range faultScenarios() {
+		check, ok := rows[s.name]
+		if !ok {
+			continue
+		}
+		g := measureFaults(t, s, []string{"estimate"}, seed, 20_000)["estimate"]
+		t.Logf("%s: share %.2f %%, failed %.2f %%, %d ejections, at most %d at once", s.name, 100*g.share, 100*g.failed, g.stats.Ejections, g.maxEjected)
+		t.Run(s.name, func(t *testing.T) { check(t, s, g) })
+	}
+}
+
+// TestFaultQuality prints the fault table: every fault scenario and
+// dispatcher, the same arrivals, sizes and failures for every dispatcher
+// of a scenario, in fake time. Like TestBalanceQuality it runs when
+// BALANCER_QUALITY sets the requests per row, BALANCER_QUALITY_SEED
+// replays a seed and BALANCER_QUALITY_ONLY picks scenarios.
+func TestFaultQuality(t *testing.T) {
+	n, seed, only := qualityRun(t, "the fault table")
+	fmt.Println("| scenario | dispatcher | p50 ms | p99 ms | p99.9 ms | failing workers' share | failed | ejections, probes (failed), most ejected at once | after healing |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|")
+	for _, s := range faultScenarios() {
+		if !only.MatchString(fmt.Sprintf("%s %.2g", s.name, s.load)) {
+			continue
+		}
+		names := faultDispatchers
+		if s.failing == s.workers && s.workers > 1 {
+			names = append(slices.Clip(names), healthy)
+		}
+		f := measureFaults(t, s, names, seed, n)
+		for _, name := range names {
+			g := f[name]
+			ej, after := "", ""
+			if name == "estimate" || name == "count" || name == noEjection {
+				ej = fmt.Sprintf("%d, %d (%d), %d", g.stats.Ejections, g.stats.Probes, g.stats.ProbeFailures, g.maxEjected)
+			}
+			if s.failFor > 0 {
+				after = fmt.Sprintf("%.2f of fair 6–14 s after; %.1f failures and %.1f probes an episode", g.back, g.perEpisode, g.probes)
+			}
+			fmt.Printf("| %s | %s | %.1f | %.1f | %.1f | %.2f %% | %.2f %% | %s | %s |\n", s.name, name,
+				ms(g.q[0]), ms(g.q[1]), ms(g.q[2]), 100*g.share, 100*g.failed, ej, after)
+		}
+	}
+}
 
 // A fleet is several clients, each with its own dispatcher, in front of
 // the same backends: what users who outgrow one process run. The clients
