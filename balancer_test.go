@@ -1977,12 +1977,31 @@ type heapHarness struct {
 	s    *sched[int, int]
 	p    *pool[int, int]
 	next int
+	now  int64 // the scheduler's clock
 }
 
 func newHeapHarness(depth int, estimate bool) *heapHarness {
 	b := &Balancer[int, int]{depth: depth}
-	b.sched = sched[int, int]{estimate: estimate, clock: func() int64 { return 1 }}
-	return &heapHarness{b: b, s: &b.sched, p: &b.sched.pool}
+	h := &heapHarness{b: b, s: &b.sched, p: &b.sched.pool, now: 1}
+	b.sched = sched[int, int]{estimate: estimate, eject: true, clock: func() int64 { return h.now }, jitter: func() float64 { return 0.5 }}
+	return h
+}
+
+// checkOut checks the ejected workers: out of the heap, at most maxOut,
+// and the next probe due where setDue would put it.
+func checkOut(t *testing.T, h *heapHarness) {
+	t.Helper()
+	require.LessOrEqual(t, len(h.s.out), h.s.maxOut(), "too many ejected")
+	due := h.s.due
+	for _, w := range h.s.out {
+		require.True(t, w.ejected)
+		require.True(t, w.pending >= 0 && w.pending <= w.limit, "pending %d", w.pending)
+		for _, s := range h.p.slots {
+			require.NotSame(t, w, s.w, "ejected worker %d is in the heap", w.id)
+		}
+	}
+	h.s.setDue()
+	require.Equal(t, h.s.due, due, "the next probe due")
 }
 
 // fixRef sets the scheduler's common ground and keeps it there: the
@@ -2006,7 +2025,9 @@ func (h *heapHarness) addWorker(o workerOptions) *worker[int, int] {
 func (h *heapHarness) remove(t *testing.T, i int) {
 	w := h.p.slots[i].w
 	h.s.remove(w)
-	require.Equal(t, -1, h.p.at[w.handle])
+	for _, s := range h.p.slots { // its handle may be an ejected worker's now, returned to keep one in service
+		require.NotSame(t, w, s.w)
+	}
 }
 
 // dispatch gives one request to the root, as the loop does when it has room.
@@ -2381,7 +2402,22 @@ const (
 	kinds
 )
 
-var errStress = errors.New("stress: Func failed")
+var (
+	errStress = errors.New("stress: Func failed")
+	errDead   = errors.New("stress: the worker's backend failed")
+)
+
+// failing wraps the stress Func for a worker whose backend fails every
+// request (always) or every other one.
+func (st *stress) failing(always bool) Func[int, int] {
+	return func(ctx context.Context, i int) (int, error) {
+		if always || i%2 == 0 {
+			st.ran[i].Add(1)
+			return 0, errDead
+		}
+		return st.fn(ctx, i)
+	}
+}
 
 type stress struct {
 	seed     int64
@@ -2432,7 +2468,19 @@ func (st *stress) run(t *testing.T) {
 		opts = append(opts, WithLoadEstimate(true))
 	}
 	opts = append(opts, WithConcurrency(1+int(uint64(st.seed)/8%3))) // New's workers: 1 to 3
-	b, err := New(8, st.fn, opts...)
+	switch st.seed % 3 {
+	case 0:
+		opts = append(opts, WithEjection(false))
+	case 1: // ejections of 100 µs, 200 µs, …, so that rounds probe often
+		opts = append(opts, &withHooks{jitter: func() float64 { return -0.4999 }})
+	}
+	// Worker 0's backend fails every request and worker 1's every other:
+	// they are ejected and probed while everything else goes on.
+	specs := []WorkerSpec[int, int]{{Func: st.failing(true)}, {Func: st.failing(false)}}
+	for range 6 {
+		specs = append(specs, WorkerSpec[int, int]{Func: st.fn})
+	}
+	b, err := NewFrom(specs, opts...)
 	require.NoError(t, err)
 	var wg sync.WaitGroup
 	for g := range 64 {
@@ -2447,6 +2495,9 @@ func (st *stress) run(t *testing.T) {
 	wg.Wait()
 	require.NoError(t, b.Close())
 	st.check(t, b)
+	s := b.Stats()
+	st.kinds["ejections"] += int(s.Ejections)
+	st.kinds["probes"] += int(s.Probes)
 }
 
 // submitter sends requests until they run out or the balancer closes.
@@ -2554,6 +2605,8 @@ func (st *stress) checkDo(t *testing.T, i int, r Result[int, int]) (accepted boo
 	case errors.Is(r.Err, errStress):
 		require.Equal(t, kindError, st.kindOf[i])
 		kind = "do: error"
+	case errors.Is(r.Err, errDead):
+		kind = "do: worker failed"
 	default:
 		t.Fatalf("request %d: unexpected outcome of Do %v", i, r.Err)
 	}
@@ -2596,7 +2649,11 @@ func (st *stress) churn(t *testing.T, b *Balancer[int, int]) {
 			}
 			ids = append(ids[:k], ids[k+1:]...)
 		} else {
-			id, err := b.AddWorker(st.fn, WithWeight(float64(1+rng.IntN(3))), WithConcurrency(1+rng.IntN(4)))
+			fn := st.fn
+			if rng.IntN(4) == 0 {
+				fn = st.failing(rng.IntN(2) == 0)
+			}
+			id, err := b.AddWorker(fn, WithWeight(float64(1+rng.IntN(3))), WithConcurrency(1+rng.IntN(4)))
 			if errors.Is(err, ErrClosed) {
 				return
 			}
@@ -2681,6 +2738,8 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 		case errors.Is(r.Err, errStress):
 			kind = "error"
 			require.Equal(t, kindError, st.kindOf[i])
+		case errors.Is(r.Err, errDead):
+			kind = "worker failed"
 		case errors.Is(r.Err, context.Canceled):
 			kind = "cancelled while running"
 			require.Equal(t, kindBlock, st.kindOf[i])
@@ -3451,7 +3510,7 @@ func FuzzPool(f *testing.F) {
 		}
 		for i := 0; i+1 < min(len(ops), 1024); i += 2 { // bounded, so each run stays fast
 			arg := int(ops[i+1])
-			switch ops[i] % 4 {
+			switch ops[i] % 6 {
 			case 0:
 				h.dispatch(t)
 			case 1: // a worker with work completes one request
@@ -3470,8 +3529,27 @@ func FuzzPool(f *testing.F) {
 					continue
 				}
 				h.remove(t, arg%h.p.Len())
+			case 4: // eject a worker in the heap, or remove an ejected one; time passes
+				h.now += int64(arg) * int64(50*time.Millisecond)
+				switch {
+				case arg%2 == 0 && h.p.Len() > 0 && h.s.ejectable():
+					h.s.ejectWorker(h.p.slots[arg%h.p.Len()].w)
+				case arg%2 == 1 && len(h.s.out) > 0:
+					h.s.remove(h.s.out[arg%len(h.s.out)])
+				}
+			case 5: // an ejected worker with work completes one request, its probe with any outcome
+				if len(h.s.out) == 0 {
+					continue
+				}
+				if w := h.s.out[arg%len(h.s.out)]; w.pending > 0 {
+					if w.trial && arg%3 != 0 {
+						w.probeClass.Store(uint32(arg%4) + 1)
+					}
+					h.s.complete(w)
+				}
 			}
 			checkHeap(t, h)
+			checkOut(t, h)
 			for _, s := range h.p.slots {
 				require.True(t, s.w.pending >= 0 && s.w.pending <= s.w.limit, "pending %d", s.w.pending)
 			}
@@ -4182,5 +4260,204 @@ func TestEjectionAndProbe(t *testing.T) {
 		assert.Equal(t, at(time.Second), b.Stats().Workers[0].EjectedUntil)
 		g.openAll()
 		require.NoError(t, (<-held).Err)
+	})
+}
+
+// ejectedWorker0 returns a balancer of two workers, worker 0 failing
+// while down and ejected already, worker 1 serving at once, and a func
+// returning b's clock in time.Time as of now plus d.
+func ejectedWorker0(t *testing.T, down *atomic.Bool, opts ...Option) (b *Balancer[int, int], at func(time.Duration) time.Time) {
+	down.Store(true)
+	g := newGates(1)
+	b = newFailing(t, 2, down, func(ctx context.Context, i int) (int, error) {
+		if i == 1 {
+			return g.fn(ctx, 0)
+		}
+		return i, nil
+	}, opts...)
+	start := time.Now()
+	at = func(d time.Duration) time.Time { return b.epoch.Add(time.Since(start) + d) }
+	held := holdWorker1(t, b)
+	failTo(t, b)
+	g.openAll()
+	require.NoError(t, (<-held).Err)
+	return b, at
+}
+
+func TestEjectionsDoubleUpTo30s(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var down atomic.Bool
+		b, at := ejectedWorker0(t, &down)
+		defer b.Close()
+		for _, d := range []time.Duration{2, 4, 8, 16, 30, 30} {
+			time.Sleep(time.Until(b.Stats().Workers[0].EjectedUntil))
+			res := <-mustSubmit(t, b, 0)
+			require.Equal(t, 0, res.Worker, "the probe")
+			require.ErrorIs(t, res.Err, errDown)
+			require.Equal(t, 1, (<-mustSubmit(t, b, 0)).Worker)
+			assert.Equal(t, at(d*time.Second), b.Stats().Workers[0].EjectedUntil, "after %v", d)
+		}
+		s := b.Stats()
+		assert.Equal(t, [3]uint64{7, 6, 6}, [3]uint64{s.Ejections, s.Probes, s.ProbeFailures})
+		assert.Equal(t, uint64(7), s.Workers[0].Ejections)
+	})
+}
+
+func TestEjectionJitter(t *testing.T) {
+	for _, tt := range []struct {
+		draw float64
+		want time.Duration
+	}{{0, 500 * time.Millisecond}, {0.25, 750 * time.Millisecond}, {0.999, 1499 * time.Millisecond}} {
+		t.Run(fmt.Sprint(tt.draw), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				var down atomic.Bool
+				b, at := ejectedWorker0(t, &down, &withHooks{jitter: func() float64 { return tt.draw }})
+				defer b.Close()
+				assert.Equal(t, at(tt.want), b.Stats().Workers[0].EjectedUntil)
+			})
+		})
+	}
+}
+
+func TestProbeOutcomes(t *testing.T) {
+	t.Run("the caller gave up: the next request probes", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var down atomic.Bool
+			var hang atomic.Bool
+			b, _ := ejectedWorker0(t, &down)
+			defer b.Close()
+			// The probe's Func runs until its caller gives up.
+			b.workers[0].fn = func(ctx context.Context, i int) (int, error) {
+				if hang.Load() {
+					<-ctx.Done()
+					return 0, ctx.Err()
+				}
+				return i, nil
+			}
+			hang.Store(true)
+			time.Sleep(time.Until(b.Stats().Workers[0].EjectedUntil))
+			ctx, cancel := context.WithCancel(context.Background())
+			c, err := b.Submit(ctx, 0)
+			require.NoError(t, err)
+			synctest.Wait()
+			s := b.Stats()
+			assert.True(t, s.Workers[0].Probing)
+			assert.Equal(t, uint64(1), s.Probes)
+			cancel()
+			assert.Equal(t, 0, (<-c).Worker)
+			hang.Store(false)
+			res := <-mustSubmit(t, b, 0)
+			assert.Equal(t, 0, res.Worker, "its outcome said nothing: the next request is the second probe")
+			assert.NoError(t, res.Err)
+			<-mustSubmit(t, b, 0)
+			s = b.Stats()
+			assert.False(t, s.Workers[0].Ejected)
+			assert.Equal(t, [3]uint64{1, 2, 0}, [3]uint64{s.Ejections, s.Probes, s.ProbeFailures})
+		})
+	})
+	t.Run("Close waits for a probe", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var down atomic.Bool
+			b, _ := ejectedWorker0(t, &down)
+			release := make(chan struct{})
+			b.workers[0].fn = func(ctx context.Context, i int) (int, error) {
+				<-release
+				return i, nil
+			}
+			time.Sleep(time.Until(b.Stats().Workers[0].EjectedUntil))
+			c := mustSubmit(t, b, 0)
+			closed := make(chan struct{})
+			go func() {
+				b.Close()
+				close(closed)
+			}()
+			synctest.Wait()
+			select {
+			case <-closed:
+				t.Fatal("Close returned while the probe ran")
+			default:
+			}
+			close(release)
+			<-closed
+			res := <-c
+			assert.Equal(t, 0, res.Worker)
+			assert.NoError(t, res.Err)
+		})
+	})
+}
+
+func TestEjectionLimits(t *testing.T) {
+	t.Run("at most half, at least one, never the last", func(t *testing.T) {
+		h := newHeapHarness(1, true)
+		var got []int
+		for range 9 {
+			h.add(1)
+			got = append(got, h.s.maxOut())
+		}
+		assert.Equal(t, []int{0, 1, 1, 2, 2, 3, 3, 4, 4}, got)
+	})
+	t.Run("overload never ejects", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) { return 0, Overloaded(errDown) })
+			defer b.Close()
+			for range 20 {
+				_, err := b.Do(context.Background(), 0)
+				require.ErrorIs(t, err, errDown)
+			}
+			s := b.Stats()
+			assert.Zero(t, s.Ejections)
+			assert.Greater(t, s.Workers[0].FailureRate, 0.5)
+		})
+	})
+	t.Run("WithEjection(false)", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) { return 0, errDown }, WithEjection(false))
+			defer b.Close()
+			for range 20 {
+				_, err := b.Do(context.Background(), 0)
+				require.ErrorIs(t, err, errDown)
+			}
+			s := b.Stats()
+			assert.Zero(t, s.Ejections)
+			assert.Equal(t, 10, s.Workers[0].Streak)
+		})
+	})
+	t.Run("removing the last in service returns an ejected one", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var down atomic.Bool
+			b, _ := ejectedWorker0(t, &down)
+			defer b.Close()
+			require.NoError(t, b.RemoveWorker(context.Background(), 1))
+			<-mustSubmit(t, b, 0)
+			s := b.Stats()
+			assert.False(t, s.Workers[0].Ejected, "it is the last worker")
+			assert.Zero(t, s.Ejected)
+			res := <-mustSubmit(t, b, 0)
+			assert.Equal(t, 0, res.Worker)
+			assert.ErrorIs(t, res.Err, errDown, "it fails, and gets every request")
+		})
+	})
+	t.Run("an ejected worker is removed", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var down atomic.Bool
+			b, _ := ejectedWorker0(t, &down)
+			defer b.Close()
+			require.NoError(t, b.RemoveWorker(context.Background(), 0))
+			s := b.Stats()
+			assert.Len(t, s.Workers, 1)
+			assert.Zero(t, s.Ejected)
+			time.Sleep(time.Minute)
+			for range 4 {
+				assert.Equal(t, 1, (<-mustSubmit(t, b, 0)).Worker, "no probe goes to a removed worker")
+			}
+		})
+	})
+	t.Run("All counts only workers in service", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			var down atomic.Bool
+			b, _ := ejectedWorker0(t, &down, WithQueueDepth(3))
+			defer b.Close()
+			assert.Equal(t, 3, b.capacity())
+		})
 	})
 }

@@ -1000,7 +1000,10 @@ func TestFaultQuality(t *testing.T) {
 			continue
 		}
 		names := faultDispatchers
-		if s.failing == s.workers && s.workers > 1 {
+		switch {
+		case s.workers == 1: // nothing to choose from: two choices need two
+			names = slices.DeleteFunc(slices.Clone(names), func(n string) bool { return n == "p2c" })
+		case s.failing == s.workers:
 			names = append(slices.Clip(names), healthy)
 		}
 		f := measureFaults(t, s, names, seed, n)
