@@ -17,7 +17,11 @@
 // channels that [Balancer.Submit] returns.
 //
 // Every request the balancer accepts gets exactly one outcome: its result,
-// or an error saying why it did not run. Close and Shutdown stop every
+// or an error saying why it did not run. Outcomes are classified (see
+// [Class]): a worker that fails, such as one whose backend died and
+// answers every request at once with an error, costs more for it and is
+// ejected for a while ([WithEjection]), instead of drawing the load with
+// its fast answers. Close and Shutdown stop every
 // goroutine the package started, like [sync.WaitGroup.Wait] on a pool.
 package balancer
 
@@ -407,7 +411,9 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // WithLoadEstimate(false), pending ÷ (c × weight)); an estimate that no
 // run has refreshed for a while expires, and the worker is tried again.
 // When every worker is at its limit, requests wait in front of the
-// balancer, in Do or Submit.
+// balancer, in Do or Submit. A worker that fails costs more the more it
+// fails, and five failures in a row eject it until a probe request finds
+// it healthy again (see Class and WithEjection).
 //
 // Most callers want Do, which runs one request and returns its result.
 // Submit returns at once with a channel for the result, for callers that
