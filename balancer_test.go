@@ -1756,6 +1756,7 @@ func TestFinishCountsThenFreesThenAnswers(t *testing.T) {
 				assert.Equal(t, 0, s.Pending, "Pending")
 				assert.Equal(t, 0, s.Workers[0].Pending, "the worker's Pending")
 				assert.Equal(t, 0, s.Workers[0].Running, "the worker's Running")
+				assert.Equal(t, int(tt.failed), s.Workers[0].Streak, "the worker's health, which the loop reads on the report")
 				close(proceed)
 				<-got
 			})
@@ -3934,12 +3935,6 @@ var errDown = errors.New("down")
 
 // exactJitter makes every ejection exactly its nominal length.
 var exactJitter = &withHooks{jitter: func() float64 { return 0.5 }}
-
-// health is a worker's Streak and FailureRate.
-func health(b *Balancer[int, int], i int) (streak int, rate float64) {
-	w := b.Stats().Workers[i]
-	return w.Streak, w.FailureRate
-}
 
 // rateAfter is the failure rate after the given outcomes, 1 a Failure or
 // Overload and 0 a Success, with no time passing.
