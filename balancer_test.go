@@ -4456,3 +4456,47 @@ func TestEjectionLimits(t *testing.T) {
 		})
 	})
 }
+
+// The failure rate, as Stats shows it: an eighth of the way at each
+// outcome, and e^-1 of itself after 10 s without one.
+func TestFailureRateMovesAndDecays(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var fail atomic.Bool
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			if fail.Load() {
+				return 0, errDown
+			}
+			return i, nil
+		})
+		defer b.Close()
+		rate := func() float64 { return b.Stats().Workers[0].FailureRate }
+		fail.Store(true)
+		for range 3 {
+			b.Do(context.Background(), 0)
+		}
+		assert.InDelta(t, rateAfter(1, 1, 1), rate(), 1.0/rateOne)
+		time.Sleep(decay)
+		assert.InDelta(t, rateAfter(1, 1, 1)/math.E, rate(), 1.0/rateOne)
+		fail.Store(false)
+		b.Do(context.Background(), 0)
+		assert.InDelta(t, rateAfter(1, 1, 1)/math.E*7/8, rate(), 2.0/rateOne, "a success moves the decayed rate")
+		for range 30 {
+			b.Do(context.Background(), 0)
+		}
+		assert.Zero(t, rate(), "a rate of noise is cleared")
+	})
+}
+
+// The hold-back counts the root's failures: a free worker that fails half
+// its requests is expected to take twice its time for a success.
+func TestHoldBackCountsFailures(t *testing.T) {
+	h := newHeapHarness(1, true)
+	h.fixRef(time.Millisecond)
+	w := h.add(1)
+	w.observe(time.Millisecond, 0)
+	h.s.touch(w)
+	before := h.s.rootTime()
+	w.health.Store(uint64(rateOne / 2)) // a rate of 1/2, moved at time 0
+	h.s.now = 0
+	assert.InDelta(t, 2*before, h.s.rootTime(), before/rateOne*4)
+}
