@@ -4140,6 +4140,7 @@ func failTo(t *testing.T, b *Balancer[int, int]) int {
 	t.Helper()
 	n := 0
 	for !b.Stats().Workers[0].Ejected {
+		require.Less(t, n, 2*ejectAfter, "not ejected")
 		res := <-mustSubmit(t, b, 0)
 		require.Equal(t, 0, res.Worker)
 		require.ErrorIs(t, res.Err, errDown)
