@@ -50,6 +50,9 @@ type Result[Req, Res any] struct {
 	Value  Res   // what the Func returned; the zero value if Err is from the balancer
 	Err    error // the Func's error unchanged, a *PanicError, ErrGoexit, ErrClosed or the request's ctx.Err()
 	Worker int   // ID of the worker that ran it, or was to run it
+	// Attempts counts the runs of the request on workers, 1 unless it was
+	// tried again on another worker (see WithRetry); 0 if it never ran.
+	Attempts int
 }
 
 // Errors returned by the balancer. Each is returned as is or wrapped with the
@@ -115,6 +118,11 @@ const (
 	// Ignore: the outcome says nothing about the worker (the caller gave
 	// up). It changes neither the worker's health nor its speed.
 	Ignore
+	// Unavailable: the worker did not process the request (a refused
+	// connection, a 503 from a proxy in front of a dead service, gRPC
+	// UNAVAILABLE). A Failure for the worker's health, and one that is
+	// safe to try again on another worker (see WithRetry).
+	Unavailable
 )
 
 // String is the class's name.
@@ -128,6 +136,8 @@ func (c Class) String() string {
 		return "overload"
 	case Ignore:
 		return "ignore"
+	case Unavailable:
+		return "unavailable"
 	}
 	return "Class(" + strconv.Itoa(int(c)) + ")"
 }
@@ -146,6 +156,12 @@ func (e *classed) Unwrap() error { return e.err }
 // errors.As see through the mark; CallersFault(nil) is nil.
 func CallersFault(err error) error { return mark(err, Success) }
 
+// Unprocessed marks err as saying that the worker did not process the
+// request (a refused connection, a 503 from a proxy whose service is
+// gone): its outcome is Unavailable. errors.Is and errors.As see through
+// the mark; Unprocessed(nil) is nil.
+func Unprocessed(err error) error { return mark(err, Unavailable) }
+
 // Overloaded marks err as the worker's refusal for load (429,
 // RESOURCE_EXHAUSTED): its outcome is an Overload. errors.Is and errors.As
 // see through the mark; Overloaded(nil) is nil.
@@ -159,8 +175,8 @@ func mark(err error, c Class) error {
 }
 
 // ClassOf is the default classification of a Func's error: Success for
-// nil, the mark of CallersFault or Overloaded if err carries one (the
-// outermost), and Failure for any other error, a *PanicError and
+// nil, the mark of CallersFault, Overloaded or Unprocessed if err carries
+// one (the outermost), and Failure for any other error, a *PanicError and
 // ErrGoexit included. A classifier given to WithClassifier can fall back
 // to it.
 func ClassOf(err error) Class {
@@ -199,7 +215,10 @@ type options struct {
 	depth    int
 	estimate bool
 	eject    bool
-	classify any           // a func(Res, error) Class, checked by newBalancer
+	classify any // a func(Res, error) Class, checked by newBalancer
+	attempts int
+	retryOn  any // a func(Res, error) bool, checked by newBalancer
+	budget   budgetOption
 	worker   workerOptions // defaults for every worker New or NewFrom starts
 	hooks    *hooks        // tests only
 }
@@ -221,7 +240,7 @@ func (o workerOptions) with(opts []WorkerOption) workerOptions {
 
 // defaultOptions is the one place the defaults are set.
 func defaultOptions() options {
-	return options{depth: DefaultQueueDepth, estimate: true, eject: true, worker: workerOptions{concurrency: 1, weight: 1}}
+	return options{depth: DefaultQueueDepth, estimate: true, eject: true, attempts: 1, budget: budgetOption{0.2, 10}, worker: workerOptions{concurrency: 1, weight: 1}}
 }
 
 // check reports the first option out of range for a worker of a balancer
@@ -348,6 +367,58 @@ func (e ejectOption) apply(o *options) { o.eject = bool(e) }
 // times as much, up to 20 times, with or without ejection.
 func WithEjection(on bool) Option { return ejectOption(on) }
 
+type retryOption int
+
+func (a retryOption) apply(o *options) { o.attempts = int(a) }
+
+// MaxAttempts bounds WithRetry's attempts.
+const MaxAttempts = 16
+
+// WithRetry lets a request run up to attempts times (default 1: no
+// retry), each time on a worker it has not run on: when an attempt's
+// outcome is Unavailable or Overload (see Class), or one WithRetryOn
+// accepts, the request goes at once to the least-loaded worker it has not
+// tried, waiting like a new request if each is full (TrySubmit's never
+// wait: its last outcome stands). It is not tried again when its ctx has
+// ended (its outcome is then ctx.Err()), when every worker has run it,
+// when Close began, or when the retry budget (WithRetryBudget) is spent:
+// then the last attempt's outcome stands. Either way the caller gets one
+// outcome, whose Worker and Attempts say where and how often it ran. A
+// Failure is not retried unless WithRetryOn says so: only the caller knows
+// whether its work is safe to run twice. New returns ErrInvalidArgument
+// for attempts outside [1, MaxAttempts].
+func WithRetry(attempts int) Option { return retryOption(attempts) }
+
+type retryOnOption struct{ f any }
+
+func (r retryOnOption) apply(o *options) { o.retryOn = r.f }
+
+// WithRetryOn sets which outcomes, besides Unavailable and Overload, are
+// tried again on another worker (see WithRetry): those for which f
+// reports true, such as any Failure of an idempotent request. f runs on
+// the worker's goroutine after the classifier; a panic in f gives the
+// request a *PanicError. New returns ErrInvalidArgument if f is nil or its
+// Res is not the Balancer's.
+func WithRetryOn[Res any](f func(Res, error) bool) Option {
+	if f == nil {
+		return retryOnOption{f: (func(Res, error) bool)(nil)}
+	}
+	return retryOnOption{f: f}
+}
+
+type budgetOption struct{ ratio, perSecond float64 }
+
+func (b budgetOption) apply(o *options) { o.budget = b }
+
+// WithRetryBudget bounds the extra attempts of WithRetry: at most ratio of
+// the requests accepted plus perSecond a second, over the last 10 s and
+// over the last second alike (default 0.2 and 10, as Finagle's and
+// tower's budgets), so that when everything fails at once retries do not
+// multiply the load. A retry the budget refuses leaves the request with
+// its last outcome, counted in Stats.BudgetRefusals. New returns
+// ErrInvalidArgument for a negative or non-finite ratio or perSecond.
+func WithRetryBudget(ratio, perSecond float64) Option { return budgetOption{ratio, perSecond} }
+
 type classifierOption struct{ f any }
 
 func (c classifierOption) apply(o *options) { o.classify = c.f }
@@ -466,18 +537,28 @@ type Balancer[Req, Res any] struct {
 	roster   atomic.Pointer[roster[Req, Res]]
 	ref      atomic.Int64           // the scheduler's ref, published for the slots (see observe)
 	classify func(Res, error) Class // WithClassifier's, or nil for ClassOf
-	hooks    *hooks                 // nil outside tests
+	attempts int                    // WithRetry's
+	retryOn  func(Res, error) bool  // WithRetryOn's, or nil
+	// retried is a stack of the requests whose attempt a slot handed back
+	// for the loop to try again (see worker.handBack); the loop takes it
+	// whole, after the completions (see takeCompletions).
+	retried atomic.Pointer[retry[Req, Res]]
+	// Retries counters, written by the loop.
+	retries, refusals atomic.Uint64
+	hooks             *hooks // nil outside tests
 
 	// Owned by the select loop once it starts; New sets them up before.
 	sched    sched[Req, Res]
 	workers  map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
 	nextID   int
-	closing  bool              // Close or Shutdown began
-	pending  int               // over all workers, as of the completions taken
-	draining int               // removed workers not yet retired
-	line     *waiter[Req, Res] // taken from the queue, oldest first, not dispatched yet
-	took     int               // requests dispatched in this round: since the loop last woke
-	lone     int               // rounds in a row, up to loneRounds, that dispatched one request each
+	closing  bool               // Close or Shutdown began
+	pending  int                // over all workers, as of the completions taken
+	draining int                // removed workers not yet retired
+	line     *waiter[Req, Res]  // taken from the queue, oldest first, not dispatched yet
+	took     int                // requests dispatched in this round: since the loop last woke
+	again    []*retry[Req, Res] // retries waiting for room at a worker they have not tried
+	budget   budget             // WithRetryBudget's
+	lone     int                // rounds in a row, up to loneRounds, that dispatched one request each
 
 	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
@@ -594,6 +675,25 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		}
 		classify = f
 	}
+	var retryOn func(Res, error) bool
+	if o.retryOn != nil {
+		f, ok := o.retryOn.(func(Res, error) bool)
+		switch {
+		case !ok:
+			return nil, fmt.Errorf("%w: retry predicate %T, want func(%T, error) bool", ErrInvalidArgument, o.retryOn, *new(Res))
+		case f == nil:
+			return nil, fmt.Errorf("%w: nil retry predicate", ErrInvalidArgument)
+		}
+		retryOn = f
+	}
+	switch {
+	case o.attempts < 1 || o.attempts > MaxAttempts:
+		return nil, fmt.Errorf("%w: %d attempts, want 1 to %d", ErrInvalidArgument, o.attempts, MaxAttempts)
+	case !(o.budget.ratio >= 0 && o.budget.ratio <= math.MaxFloat64):
+		return nil, fmt.Errorf("%w: retry budget ratio %v, want non-negative and finite", ErrInvalidArgument, o.budget.ratio)
+	case !(o.budget.perSecond >= 0 && o.budget.perSecond <= math.MaxFloat64):
+		return nil, fmt.Errorf("%w: retry budget %v a second, want non-negative and finite", ErrInvalidArgument, o.budget.perSecond)
+	}
 	wos := make([]workerOptions, n) // checked before anything starts
 	for i := range n {
 		s := spec(i)
@@ -615,6 +715,9 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		exited:   make(chan struct{}),
 		workers:  make(map[int]*worker[Req, Res]),
 		classify: classify,
+		attempts: o.attempts,
+		retryOn:  retryOn,
+		budget:   budget{ratio: o.budget.ratio, perSecond: o.budget.perSecond},
 		hooks:    o.hooks,
 	}
 	b.sched = sched[Req, Res]{estimate: o.estimate, eject: o.eject, clock: b.now, published: &b.ref, jitter: rand.Float64}
@@ -796,7 +899,7 @@ func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Res
 		return nil, err
 	}
 	reply := make(chan Result[Req, Res], 1)
-	r := request[Req, Res]{ctx: ctx, req: req, reply: reply}
+	r := request[Req, Res]{ctx: ctx, req: req, reply: reply, eager: true}
 	rep, err := b.command(&command[Req, Res]{op: opTry, req: r})
 	switch {
 	case err != nil:
@@ -1096,7 +1199,9 @@ func (b *Balancer[Req, Res]) loop() {
 	defer close(b.exited)
 	ready := b.ready()
 	for !b.closing || b.pending > 0 {
-		if ready && b.draining == 0 && b.lone >= loneRounds {
+		// With retries, a completion may bring a request back to
+		// dispatch, so the loop always sleeps on completions too.
+		if ready && b.draining == 0 && b.lone >= loneRounds && b.attempts == 1 {
 			// Commands come through requests too (see command), and a
 			// Do whose request may go unseen pokes there (see Do), so
 			// a plain receive, much cheaper than a select, is enough.
@@ -1178,6 +1283,9 @@ const drainBatch = 128
 func (b *Balancer[Req, Res]) drain() bool {
 	for range drainBatch {
 		b.takeCompletions()
+		if len(b.again) > 0 {
+			b.retryWaiting()
+		}
 		if !b.ready() {
 			return false
 		}
@@ -1292,6 +1400,70 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 		}
 		w = next
 	}
+	// A slot hands a request back before it reports the completion, so
+	// every retry whose completion was just taken is on the stack now.
+	if b.retried.Load() != nil {
+		b.takeRetries()
+	}
+}
+
+// takeRetries takes the requests handed back to be tried again: each is
+// pending again, and goes to a worker it has not tried as soon as one has
+// room (see tryAgain).
+func (b *Balancer[Req, Res]) takeRetries() {
+	for a := b.retried.Swap(nil); a != nil; {
+		next := a.next
+		a.next = nil
+		b.pending++
+		b.again = append(b.again, a)
+		a = next
+	}
+	b.retryWaiting()
+}
+
+// retryWaiting tries again every retry that waits, in the order they came.
+func (b *Balancer[Req, Res]) retryWaiting() {
+	kept := b.again[:0]
+	for _, a := range b.again {
+		if !b.tryAgain(a) {
+			kept = append(kept, a)
+		}
+	}
+	clear(b.again[len(kept):])
+	b.again = kept
+}
+
+// tryAgain sends a's request to the least-loaded worker it has not run
+// on, within the retry budget, or gives it its final outcome, and reports
+// whether it did either; if not, the request waits for such a worker to
+// have room.
+func (b *Balancer[Req, Res]) tryAgain(a *retry[Req, Res]) bool {
+	r := a.r
+	res := a.last
+	switch err := r.ctx.Err(); {
+	case b.closing:
+	case err != nil:
+		res.Value, res.Err = *new(Res), err
+	default:
+		w, any := b.sched.untried(a.tried)
+		switch {
+		case w == nil && any && !r.eager:
+			return false
+		case w == nil:
+		case !b.budget.allow(b.now()):
+			b.refusals.Add(1)
+		default:
+			b.retries.Add(1)
+			b.budget.spend()
+			r.again = a
+			b.sched.dispatchTo(w)
+			b.send(w, r)
+			return true
+		}
+	}
+	b.pending--
+	r.deliver(res)
+	return true
 }
 
 // report tells the loop that a slot of w finished a request, without a
@@ -1357,14 +1529,22 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	b.took++
 	w, probe := b.sched.dispatch()
 	r.probe = probe
-	if w.pending > w.concurrency && r.at == 0 {
-		r.at = b.now() // it waits in w's queue for a slot
-	}
 	b.pending++
 	// Counted before the send, so Stats never sees a request complete
 	// before it was accepted.
-	w.assigned.Add(1)
 	b.accepted.Add(1)
+	if b.attempts > 1 {
+		b.budget.deposit(b.sched.now)
+	}
+	b.send(w, r)
+}
+
+// send hands r to w, which the scheduler has counted it at.
+func (b *Balancer[Req, Res]) send(w *worker[Req, Res], r request[Req, Res]) {
+	if w.pending > w.concurrency && r.at == 0 {
+		r.at = b.now() // it waits in w's queue for a slot
+	}
+	w.assigned.Add(1)
 	if b.hooks != nil && b.hooks.send != nil {
 		b.hooks.send()
 	}
@@ -1386,6 +1566,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	case c.op == opQuit:
 		b.closing = true
 		b.refuseWaiting()
+		b.retryWaiting() // closing: each gets its last outcome
 		return commandReply{}
 	case c.op == opAbort:
 		b.dropQueued()
@@ -1477,3 +1658,58 @@ func (b *Balancer[Req, Res]) dropQueued() {
 	r := b.roster.Load()
 	b.roster.Store(&roster[Req, Res]{workers: r.workers, retired: r.retired.plus(dropped)})
 }
+
+// budget is WithRetryBudget's account: the requests accepted and the
+// extra attempts, in 100 slots of 100 ms. The loop owns it.
+type budget struct {
+	ratio, perSecond float64
+	reqs, extra      [budgetSlots]float64
+	at               int64 // the slot of the latest figures, in 100 ms since New
+}
+
+const (
+	budgetSlots = 100
+	budgetSlot  = int64(100 * time.Millisecond)
+)
+
+// roll moves the account to now, a clock reading, clearing the slots
+// that fell out of the window.
+func (g *budget) roll(now int64) {
+	slot := now / budgetSlot
+	if slot-g.at >= budgetSlots {
+		g.reqs, g.extra, g.at = [budgetSlots]float64{}, [budgetSlots]float64{}, slot
+	}
+	for g.at < slot {
+		g.at++
+		g.reqs[g.at%budgetSlots], g.extra[g.at%budgetSlots] = 0, 0
+	}
+}
+
+// deposit counts one request accepted at about now.
+func (g *budget) deposit(now int64) {
+	g.roll(now)
+	g.reqs[g.at%budgetSlots]++
+}
+
+// allow reports whether one more extra attempt at now stays within the
+// budget, over the last 10 s and over the last second.
+func (g *budget) allow(now int64) bool {
+	g.roll(now)
+	var reqs, extra, reqs1, extra1 float64
+	for k := range int64(budgetSlots) {
+		i := (g.at - k) % budgetSlots
+		if i < 0 {
+			i += budgetSlots
+		}
+		reqs += g.reqs[i]
+		extra += g.extra[i]
+		if k < int64(time.Second)/budgetSlot {
+			reqs1 += g.reqs[i]
+			extra1 += g.extra[i]
+		}
+	}
+	return extra+1 <= g.ratio*reqs+g.perSecond*10 && extra1+1 <= g.ratio*reqs1+g.perSecond
+}
+
+// spend counts one extra attempt, in the slot allow just moved to.
+func (g *budget) spend() { g.extra[g.at%budgetSlots]++ }

@@ -716,7 +716,7 @@ func TestSubmitYieldsOneResultThenCloses(t *testing.T) {
 	require.NoError(t, err)
 	r, ok := <-c
 	require.True(t, ok)
-	assert.Equal(t, Result[int, int]{Req: 7, Value: 49, Worker: 0}, r)
+	assert.Equal(t, Result[int, int]{Req: 7, Value: 49, Worker: 0, Attempts: 1}, r)
 	_, ok = <-c
 	assert.False(t, ok, "closed after its one result")
 }
@@ -2806,8 +2806,8 @@ func TestMethodsCalledFromInsideAFunc(t *testing.T) {
 			require.NoError(t, err)
 			remover, err := b.Submit(ctx, -1) // on worker 1, removes worker 0
 			require.NoError(t, err)
-			assert.Equal(t, Result[int, int]{Req: -1, Value: -1, Worker: 1}, <-remover)
-			assert.Equal(t, Result[int, int]{Req: 1, Value: 1, Worker: 0}, <-waiter, "worker 0 drained")
+			assert.Equal(t, Result[int, int]{Req: -1, Value: -1, Worker: 1, Attempts: 1}, <-remover)
+			assert.Equal(t, Result[int, int]{Req: 1, Value: 1, Worker: 0, Attempts: 1}, <-waiter, "worker 0 drained")
 			synctest.Wait()
 			ws := b.Stats().Workers
 			require.Len(t, ws, 1)
@@ -3042,7 +3042,7 @@ func TestMethodsDuringClose(t *testing.T) {
 		close(release)
 		assert.NoError(t, <-closed)
 		closers.Wait()
-		assert.Equal(t, Result[int, int]{Req: 1, Value: 1, Worker: 0}, <-running)
+		assert.Equal(t, Result[int, int]{Req: 1, Value: 1, Worker: 0, Attempts: 1}, <-running)
 		s := b.Stats()
 		assert.Equal(t, s.Accepted, s.Completed, "everything accepted finished")
 	})
@@ -3229,7 +3229,7 @@ func TestStatsForPeople(t *testing.T) {
 		"worker 4: 0/1 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s, ejected, probing, 2 ejections",
 		faults.String())
 	assert.Equal(t, "[concurrency=1 running=0 queued=0 completed=0 failed=0 panics=0 mean_service=0s mean_wait=0s total_wait=0s "+
-		"weight=1 removed=false failure_rate=1 streak=5 ejected=true ejected_until=2026-01-02 03:04:05.006 +0000 UTC probing=false ejections=1]",
+		"weight=1 removed=false failure_rate=1 streak=5 ejected=true ejected_until=2026-01-02 03:04:05.006 +0000 UTC probing=false ejections=1 retries=0]",
 		faults.Workers[1].LogValue().String())
 	var buf strings.Builder
 	slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
@@ -3240,15 +3240,15 @@ func TestStatsForPeople(t *testing.T) {
 	}})).Info("balancer", "stats", s)
 	assert.Equal(t, "msg=balancer stats.accepted=10 stats.pending=2 stats.completed=8 stats.failed=1 stats.panics=0 "+
 		"stats.waiting=3 stats.mean_wait=1ms stats.total_wait=1s "+
-		"stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 "+
+		"stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.retries=0 stats.budget_refusals=0 "+
 		"stats.workers.0.concurrency=4 stats.workers.0.running=2 stats.workers.0.queued=0 stats.workers.0.completed=5 "+
 		"stats.workers.0.failed=1 stats.workers.0.panics=0 stats.workers.0.mean_service=2ms stats.workers.0.mean_wait=1ms "+
 		"stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false "+
-		"stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 "+
+		"stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 stats.workers.0.retries=0 "+
 		"stats.workers.3.concurrency=1 stats.workers.3.running=0 stats.workers.3.queued=0 stats.workers.3.completed=3 "+
 		"stats.workers.3.failed=0 stats.workers.3.panics=0 stats.workers.3.mean_service=0s stats.workers.3.mean_wait=0s "+
 		"stats.workers.3.total_wait=0s stats.workers.3.weight=2 stats.workers.3.removed=true "+
-		"stats.workers.3.failure_rate=0 stats.workers.3.streak=0 stats.workers.3.ejected=false stats.workers.3.ejections=0\n", buf.String())
+		"stats.workers.3.failure_rate=0 stats.workers.3.streak=0 stats.workers.3.ejected=false stats.workers.3.ejections=0 stats.workers.3.retries=0\n", buf.String())
 }
 
 // 12. Documentation that cannot drift.
@@ -3335,7 +3335,7 @@ func TestTrapStuckFuncWhileCloseWaits(t *testing.T) {
 		assert.Empty(t, closed, "Close waits for the stuck Func")
 		close(release)
 		assert.NoError(t, <-closed)
-		assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0}, <-stuck)
+		assert.Equal(t, Result[int, int]{Req: 0, Value: 0, Worker: 0, Attempts: 1}, <-stuck)
 		assert.Equal(t, int64(1), ran.Load(), "only the accepted request ran")
 		s := b.Stats()
 		assert.Equal(t, uint64(1), s.Accepted)
@@ -4027,8 +4027,9 @@ func TestClassMarksAndNames(t *testing.T) {
 	assert.Equal(t, "down", CallersFault(errDown).Error())
 	assert.NoError(t, Overloaded(nil))
 	assert.NoError(t, CallersFault(nil))
-	assert.Equal(t, []string{"success", "failure", "overload", "ignore", "Class(9)"},
-		[]string{Success.String(), Failure.String(), Overload.String(), Ignore.String(), Class(9).String()})
+	assert.Equal(t, Unavailable, ClassOf(fmt.Errorf("dial: %w", Unprocessed(errDown))))
+	assert.Equal(t, []string{"success", "failure", "overload", "ignore", "unavailable", "Class(9)"},
+		[]string{Success.String(), Failure.String(), Overload.String(), Ignore.String(), Unavailable.String(), Class(9).String()})
 }
 
 func TestClassifierMustFit(t *testing.T) {
@@ -4500,4 +4501,246 @@ func TestHoldBackCountsFailures(t *testing.T) {
 	w.health.Store(uint64(rateOne / 2)) // a rate of 1/2, moved at time 0
 	h.s.now = 0
 	assert.InDelta(t, 2*before, h.s.rootTime(), before/rateOne*4)
+}
+
+// 15. Retries on another worker.
+
+// retryPool starts n workers, count rule, no ejection: worker i runs
+// fns[i] if there is one, else it returns its request; ran counts each
+// worker's runs of each request.
+type retryPool struct {
+	b   *Balancer[int, int]
+	mu  sync.Mutex
+	ran map[[2]int]int // {worker, request} → runs
+}
+
+func newRetryPool(t *testing.T, n int, fns map[int]Func[int, int], opts ...Option) *retryPool {
+	p := &retryPool{ran: map[[2]int]int{}}
+	var specs []WorkerSpec[int, int]
+	for i := range n {
+		fn := fns[i]
+		specs = append(specs, WorkerSpec[int, int]{Func: func(ctx context.Context, req int) (int, error) {
+			p.mu.Lock()
+			p.ran[[2]int{i, req}]++
+			p.mu.Unlock()
+			if fn != nil {
+				return fn(ctx, req)
+			}
+			return req, nil
+		}})
+	}
+	b, err := NewFrom(specs, append([]Option{WithLoadEstimate(false), WithEjection(false)}, opts...)...)
+	require.NoError(t, err)
+	p.b = b
+	return p
+}
+
+func unavailable(context.Context, int) (int, error) { return 0, Unprocessed(errDown) }
+
+func TestRetryGoesElsewhere(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newRetryPool(t, 3, map[int]Func[int, int]{0: unavailable}, WithRetry(3))
+		defer p.b.Close()
+		res := <-mustSubmit(t, p.b, 7) // first to worker 0, which has waited longest
+		assert.NoError(t, res.Err)
+		assert.Equal(t, 7, res.Value)
+		assert.Equal(t, 2, res.Attempts)
+		assert.Equal(t, 1, res.Worker, "the least loaded of the workers it has not tried")
+		s := p.b.Stats()
+		assert.Equal(t, uint64(1), s.Retries)
+		assert.Equal(t, uint64(1), s.Workers[1].Retries)
+		assert.Equal(t, [2]uint64{1, 1}, [2]uint64{s.Accepted, s.Workers[1].Completed})
+	})
+}
+
+func TestRetryNeverTwiceOnOneWorker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newRetryPool(t, 3, map[int]Func[int, int]{0: unavailable, 1: unavailable, 2: unavailable}, WithRetry(MaxAttempts))
+		defer p.b.Close()
+		res := <-mustSubmit(t, p.b, 1)
+		assert.ErrorIs(t, res.Err, errDown, "every worker tried: the last outcome stands")
+		assert.Equal(t, 3, res.Attempts)
+		assert.Equal(t, map[[2]int]int{{0, 1}: 1, {1, 1}: 1, {2, 1}: 1}, p.ran)
+		assert.Equal(t, uint64(2), p.b.Stats().Retries)
+	})
+}
+
+func TestRetryWhatIsRetryable(t *testing.T) {
+	failing := func(context.Context, int) (int, error) { return 0, errDown }
+	overloaded := func(context.Context, int) (int, error) { return 0, Overloaded(errDown) }
+	tests := []struct {
+		name     string
+		fn       Func[int, int]
+		opts     []Option
+		attempts int
+		panicErr bool
+	}{
+		{name: "unavailable", fn: unavailable, attempts: 2},
+		{name: "overload", fn: overloaded, attempts: 2},
+		{name: "a failure: not by default", fn: failing, attempts: 1},
+		{name: "a failure the predicate accepts", fn: failing, attempts: 2,
+			opts: []Option{WithRetryOn(func(_ int, err error) bool { return errors.Is(err, errDown) })}},
+		{name: "a failure the predicate refuses", fn: failing, attempts: 1,
+			opts: []Option{WithRetryOn(func(int, error) bool { return false })}},
+		{name: "a predicate that panics", fn: failing, attempts: 1, panicErr: true,
+			opts: []Option{WithRetryOn(func(int, error) bool { panic("predicate") })}},
+		{name: "a success", fn: square, attempts: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p := newRetryPool(t, 2, map[int]Func[int, int]{0: tt.fn}, append([]Option{WithRetry(2)}, tt.opts...)...)
+				defer p.b.Close()
+				res := <-mustSubmit(t, p.b, 3)
+				assert.Equal(t, tt.attempts, res.Attempts)
+				if tt.panicErr {
+					var pe *PanicError
+					assert.ErrorAs(t, res.Err, &pe)
+					assert.Equal(t, uint64(1), p.b.Stats().Panics)
+				}
+				if tt.attempts == 2 {
+					assert.NoError(t, res.Err)
+					assert.Equal(t, 1, res.Worker)
+				}
+			})
+		})
+	}
+}
+
+// holdOne returns a Func that holds request 100 until release is closed,
+// and otherwise returns its request.
+func holdOne(release <-chan struct{}) Func[int, int] {
+	return func(ctx context.Context, i int) (int, error) {
+		if i == 100 {
+			<-release
+		}
+		return i, nil
+	}
+}
+
+func TestRetryWaitsForAnUntriedWorker(t *testing.T) {
+	t.Run("then runs there", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			release := make(chan struct{})
+			p := newRetryPool(t, 2, map[int]Func[int, int]{0: unavailable, 1: holdOne(release)}, WithRetry(2))
+			defer p.b.Close()
+			<-mustSubmit(t, p.b, 0) // worker 0 fails it, worker 1 serves it
+			held := mustSubmit(t, p.b, 100)
+			synctest.Wait()
+			c := mustSubmit(t, p.b, 5) // worker 0, then it waits for worker 1
+			synctest.Wait()
+			assert.Empty(t, c)
+			assert.Equal(t, 1, p.b.Stats().Pending, "worker 1's held request; the retry waits, pending")
+			close(release)
+			<-held
+			res := <-c
+			assert.NoError(t, res.Err)
+			assert.Equal(t, [2]int{1, 2}, [2]int{res.Worker, res.Attempts})
+		})
+	})
+	t.Run("its ctx ends: ctx.Err() and no new attempt", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			release := make(chan struct{})
+			p := newRetryPool(t, 2, map[int]Func[int, int]{0: unavailable, 1: holdOne(release)}, WithRetry(2))
+			defer p.b.Close()
+			<-mustSubmit(t, p.b, 0)
+			held := mustSubmit(t, p.b, 100)
+			ctx, cancel := context.WithCancel(context.Background())
+			c, err := p.b.Submit(ctx, 5)
+			require.NoError(t, err)
+			synctest.Wait()
+			cancel()
+			close(release)
+			<-held
+			res := <-c
+			assert.ErrorIs(t, res.Err, context.Canceled)
+			assert.Equal(t, 1, res.Attempts)
+			assert.Zero(t, p.ran[[2]int{1, 5}], "no attempt after the ctx ended")
+		})
+	})
+	t.Run("TrySubmit's does not wait", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			release := make(chan struct{})
+			p := newRetryPool(t, 2, map[int]Func[int, int]{0: unavailable, 1: holdOne(release)}, WithRetry(2))
+			defer p.b.Close()
+			<-mustSubmit(t, p.b, 0)
+			held := mustSubmit(t, p.b, 100)
+			synctest.Wait()
+			c, err := p.b.TrySubmit(context.Background(), 5)
+			require.NoError(t, err)
+			res := <-c
+			assert.ErrorIs(t, res.Err, errDown, "its last outcome")
+			close(release)
+			<-held
+		})
+	})
+	t.Run("Close gives a waiting retry its last outcome", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			release := make(chan struct{})
+			p := newRetryPool(t, 2, map[int]Func[int, int]{0: unavailable, 1: holdOne(release)}, WithRetry(2))
+			<-mustSubmit(t, p.b, 0)
+			held := mustSubmit(t, p.b, 100)
+			c := mustSubmit(t, p.b, 5)
+			synctest.Wait()
+			closed := make(chan struct{})
+			go func() {
+				p.b.Close()
+				close(closed)
+			}()
+			res := <-c
+			assert.ErrorIs(t, res.Err, errDown)
+			close(release)
+			<-held
+			<-closed
+		})
+	})
+}
+
+func TestRetryBudget(t *testing.T) {
+	// Worker 0 fails every request, and its weight makes it first for
+	// each, despite its failure rate: each request asks for one retry.
+	newBudgeted := func(ratio, perSecond float64) *Balancer[int, int] {
+		b, err := NewFrom([]WorkerSpec[int, int]{
+			{Func: unavailable, Options: []WorkerOption{WithWeight(100)}},
+			{Func: square},
+		}, WithLoadEstimate(false), WithEjection(false), WithRetry(2), WithRetryBudget(ratio, perSecond))
+		require.NoError(t, err)
+		return b
+	}
+	retried := func(b *Balancer[int, int], n int) (k int) {
+		for range n {
+			if res := <-mustSubmit(t, b, 1); res.Attempts == 2 {
+				require.NoError(t, res.Err)
+				k++
+			} else {
+				require.ErrorIs(t, res.Err, errDown)
+			}
+		}
+		return k
+	}
+	synctest.Test(t, func(t *testing.T) {
+		// 2 extra attempts a second and nothing in proportion.
+		b := newBudgeted(0, 2)
+		defer b.Close()
+		assert.Equal(t, 2, retried(b, 10))
+		s := b.Stats()
+		assert.Equal(t, [2]uint64{2, 8}, [2]uint64{s.Retries, s.BudgetRefusals})
+		time.Sleep(time.Second)
+		assert.Equal(t, 2, retried(b, 10), "a second later, two more")
+		time.Sleep(10 * time.Second)
+		// 10 % of the requests of the last second (and of the last 10 s),
+		// nothing more: of 20 requests, the 10th and 20th.
+		c := newBudgeted(0.1, 0)
+		defer c.Close()
+		assert.Equal(t, 2, retried(c, 20))
+		assert.Equal(t, uint64(18), c.Stats().BudgetRefusals)
+	})
+}
+
+func TestRetryOptionsMustFit(t *testing.T) {
+	for _, opt := range []Option{WithRetry(0), WithRetry(MaxAttempts + 1), WithRetryBudget(-1, 0), WithRetryBudget(0, math.NaN()),
+		WithRetryBudget(math.Inf(1), 1), WithRetryOn[int](nil), WithRetryOn(func(string, error) bool { return true })} {
+		_, err := New(1, square, opt)
+		assert.ErrorIs(t, err, ErrInvalidArgument)
+	}
 }

@@ -444,7 +444,7 @@ func ExampleStats_LogValue() {
 	defer b.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
 	logger.Info("pool", "stats", b.Stats())
-	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0
+	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.retries=0 stats.budget_refusals=0 stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 stats.workers.0.retries=0
 }
 
 // ExampleWorkerStats_LogValue logs one worker's figures.
@@ -456,7 +456,7 @@ func ExampleWorkerStats_LogValue() {
 	defer b.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
 	logger.Info("worker", "w", b.Stats().Workers[0])
-	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false w.failure_rate=0 w.streak=0 w.ejected=false w.ejections=0
+	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false w.failure_rate=0 w.streak=0 w.ejected=false w.ejections=0 w.retries=0
 }
 
 // withoutTime drops slog's time attribute, so that the output repeats.
@@ -1154,4 +1154,79 @@ func must[T any](v T, err error) T {
 		log.Fatal(err)
 	}
 	return v
+}
+
+// ExampleUnprocessed marks a refused connection: the worker did not
+// process the request, so it is safe to run elsewhere (see WithRetry).
+func ExampleUnprocessed() {
+	err := balancer.Unprocessed(errors.New("dial tcp 10.0.0.7:80: connection refused"))
+	fmt.Println(balancer.ClassOf(err), err)
+	// Output: unavailable dial tcp 10.0.0.7:80: connection refused
+}
+
+// ExampleWithRetry runs a dead backend's requests again on a live one:
+// worker 0 refuses every connection, and every request still succeeds.
+func ExampleWithRetry() {
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[int, int]{
+		{Func: func(ctx context.Context, n int) (int, error) {
+			return 0, balancer.Unprocessed(errors.New("connection refused"))
+		}},
+		{Func: func(ctx context.Context, n int) (int, error) { return n * n, nil }},
+	}, balancer.WithRetry(2))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	res := <-must(b.Submit(context.Background(), 3)) // worker 0 first: neither has run yet
+	fmt.Println(res.Value, res.Err, "from worker", res.Worker, "after", res.Attempts, "attempts")
+	fmt.Println("retries:", b.Stats().Retries)
+	// Output:
+	// 9 <nil> from worker 1 after 2 attempts
+	// retries: 1
+}
+
+// ExampleWithRetryOn retries any failure of an idempotent request, not only
+// those where the worker did not process it.
+func ExampleWithRetryOn() {
+	errTimeout := errors.New("read timeout")
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[string, string]{
+		{Func: func(ctx context.Context, key string) (string, error) { return "", errTimeout }},
+		{Func: func(ctx context.Context, key string) (string, error) { return "value of " + key, nil }},
+	}, balancer.WithRetry(2), balancer.WithRetryOn(func(_ string, err error) bool {
+		return errors.Is(err, errTimeout) // a read: safe to run twice
+	}))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	v, err := b.Do(context.Background(), "k")
+	fmt.Println(v, err)
+	// Output: value of k <nil>
+}
+
+// ExampleWithRetryBudget allows one extra attempt a second and nothing in
+// proportion to the load: of three requests that fail on worker 0, one is
+// retried, and the other two keep their error.
+func ExampleWithRetryBudget() {
+	b, err := balancer.NewFrom([]balancer.WorkerSpec[int, int]{
+		{Func: func(ctx context.Context, n int) (int, error) {
+			return 0, balancer.Unprocessed(errors.New("connection refused"))
+		}, Options: []balancer.WorkerOption{balancer.WithWeight(100)}}, // first for every request
+		{Func: func(ctx context.Context, n int) (int, error) { return n, nil }},
+	}, balancer.WithLoadEstimate(false), balancer.WithRetry(2), balancer.WithRetryBudget(0, 1))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	for i := range 3 {
+		_, err := b.Do(context.Background(), i)
+		fmt.Println(i, err)
+	}
+	s := b.Stats()
+	fmt.Println("retries:", s.Retries, "refused:", s.BudgetRefusals)
+	// Output:
+	// 0 <nil>
+	// 1 connection refused
+	// 2 connection refused
+	// retries: 1 refused: 2
 }

@@ -964,7 +964,7 @@ func (s *sched[Req, Res]) completeOut(w *worker[Req, Res]) {
 	switch Class(c - 1) {
 	case Success, Overload:
 		s.restore(w)
-	case Failure:
+	case Failure, Unavailable:
 		s.probeFailures.Add(1)
 		s.banish(w, s.clock())
 	default: // it says nothing: the next request probes again
@@ -1037,7 +1037,7 @@ func (w *worker[Req, Res]) account(r request[Req, Res], c Class) {
 		} else if w.health.Load() != 0 {
 			w.foldHealth(0)
 		}
-	case Failure:
+	case Failure, Unavailable:
 		w.streak.Add(1)
 		w.foldHealth(1)
 	case Overload:
@@ -1079,4 +1079,38 @@ func (w *worker[Req, Res]) observeFailure(d time.Duration, end int64) {
 		return
 	}
 	w.observe(max(d, time.Duration(floor)), end)
+}
+
+// untried returns the cheapest worker in the heap with room whose ID is
+// not in tried, if any, and whether the heap has a worker not in tried at
+// all. O(n): it serves retries only.
+func (s *sched[Req, Res]) untried(tried []int) (best *worker[Req, Res], any bool) {
+	var at *slot[Req, Res]
+	for i := range s.pool.slots {
+		sl := &s.pool.slots[i]
+		if slices.Contains(tried, sl.w.id) {
+			continue
+		}
+		any = true
+		if sl.w.pending < sl.w.limit && (at == nil || sl.before(at)) {
+			at = sl
+		}
+	}
+	if at == nil {
+		return nil, any
+	}
+	return at.w, true
+}
+
+// dispatchTo records one more request at w, which is in the heap and has
+// room: a retry, which untried chose.
+func (s *sched[Req, Res]) dispatchTo(w *worker[Req, Res]) {
+	w.pending++
+	w.silent++
+	if w.pending == w.limit {
+		s.countBusy(w)
+	}
+	s.pool.slots[s.pool.at[w.handle]].last = s.seq
+	s.seq++
+	s.touch(w)
 }

@@ -20,6 +20,8 @@ type request[Req, Res any] struct {
 	reply chan<- Result[Req, Res]  // capacity 1 and sent to once, so the send never blocks
 	keep  bool                     // reply is Do's pooled channel: leave it open for reuse
 	probe bool                     // the request is its ejected worker's probe (see sched.eject)
+	eager bool                     // it came through TrySubmit: a retry of it never waits for room
+	again *retry[Req, Res]         // its earlier attempts, if it is being tried again (see WithRetry)
 	cmd   *command[Req, Res]       // not a request but a command for the loop (see Balancer.command)
 	at    int64                    // b.now() when it started to wait for a slot; 0 if it has not waited
 	batch chan<- indexed[Req, Res] // instead of reply, for All: shared, with room for every request in flight
@@ -119,6 +121,7 @@ type worker[Req, Res any] struct {
 	failed    atomic.Uint64
 	panics    atomic.Uint64
 	ejections atomic.Uint64 // written by the loop
+	ranAgain  atomic.Uint64 // attempts it took that another worker had run before (see WithRetry)
 	outUntil  atomic.Int64  // while ejected, when its ejection ends; 0 in service; the loop writes it
 	onTrial   atomic.Bool   // its probe is out; the loop writes it
 
@@ -185,6 +188,10 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	}
 	observeWait(w, wait)
 	res := Result[Req, Res]{Req: r.req, Worker: w.id}
+	if r.again != nil {
+		res.Attempts = len(r.again.tried)
+		w.ranAgain.Add(1)
+	}
 	class := Ignore // not run: the outcome says nothing about the worker
 	switch {
 	case w.b.abortCtx.Err() != nil:
@@ -192,6 +199,7 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	case r.ctx.Err() != nil:
 		res.Err = r.ctx.Err() // its caller no longer wants it
 	default:
+		res.Attempts++
 		class = w.call(slot, start, r, &res)
 	}
 	w.finish(slot, r, res, class)
@@ -229,7 +237,7 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 	switch class {
 	case Success:
 		w.observe(time.Duration(end-start), end)
-	case Failure, Overload:
+	case Failure, Overload, Unavailable:
 		w.observeFailure(time.Duration(end-start), end)
 	}
 	returned = true
@@ -259,6 +267,7 @@ func (b *Balancer[Req, Res]) classOf(ctx context.Context, v Res, err error) Clas
 // are final, and the loop sees the health each completion left.
 func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req, Res], c Class) {
 	w.runners[slot].since.Store(0)
+	again := w.b.attempts > 1 && w.retries(r, &res, c)
 	if res.Err != nil {
 		w.failed.Add(1)
 	}
@@ -268,8 +277,68 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	// The slot is reported before the result is delivered, so a caller
 	// who has its result and submits again finds the slot free; and a
 	// loop woken by the report runs after the caller (see loop).
+	if again {
+		w.handBack(r, res) // before the report: the loop takes it with the completion
+		w.b.report(w)
+		return
+	}
 	w.b.report(w)
 	r.deliver(res)
+}
+
+// retries reports whether r, whose attempt here ended with res of class
+// c, is to be tried again on another worker (see WithRetry): it has
+// attempts left, its ctx lives, and the outcome is Unavailable, Overload,
+// or one that WithRetryOn accepts. A panic in WithRetryOn's predicate
+// becomes r's outcome, a *PanicError, which is not retried.
+func (w *worker[Req, Res]) retries(r request[Req, Res], res *Result[Req, Res], c Class) (again bool) {
+	if res.Attempts >= w.b.attempts || res.Attempts == 0 || r.ctx.Err() != nil {
+		return false
+	}
+	switch c {
+	case Unavailable, Overload:
+		return true
+	case Failure:
+		if w.b.retryOn == nil {
+			return false
+		}
+		defer func() {
+			if v := recover(); v != nil {
+				w.panics.Add(1)
+				res.Value, res.Err, again = *new(Res), &PanicError{Value: v, Stack: debug.Stack()}, false
+			}
+		}()
+		return w.b.retryOn(res.Value, res.Err)
+	}
+	return false
+}
+
+// handBack gives r, whose attempt here ended with res, to the loop to try
+// again elsewhere.
+func (w *worker[Req, Res]) handBack(r request[Req, Res], res Result[Req, Res]) {
+	a := r.again
+	if a == nil {
+		a = &retry[Req, Res]{}
+	}
+	r.again, r.probe, r.at = nil, false, 0
+	a.r, a.last = r, res
+	a.tried = append(a.tried, w.id)
+	for {
+		top := w.b.retried.Load()
+		a.next = top
+		if w.b.retried.CompareAndSwap(top, a) {
+			return
+		}
+	}
+}
+
+// retry is a request a worker handed back to be tried again, with what
+// its attempts left behind.
+type retry[Req, Res any] struct {
+	r     request[Req, Res]
+	last  Result[Req, Res] // the latest attempt's outcome
+	tried []int            // IDs of the workers that ran it
+	next  *retry[Req, Res] // link in b.retried
 }
 
 // Stats is a snapshot of a Balancer's load and history. Each figure is read
@@ -295,6 +364,10 @@ type Stats struct {
 	// the workers ejected now.
 	Ejections, Probes, ProbeFailures uint64
 	Ejected                          int
+	// Retries counts the extra attempts sent to another worker (see
+	// WithRetry), and BudgetRefusals the retries the budget refused.
+	// Each attempt counts in Completed (and Failed) at its worker.
+	Retries, BudgetRefusals uint64
 	// Waiting counts the requests in front of the balancer, not yet
 	// given to a worker: callers waiting in Do or Submit because every
 	// worker is full (or held back for a faster one, see
@@ -353,6 +426,9 @@ type WorkerStats struct {
 	EjectedUntil time.Time
 	Probing      bool
 	Ejections    uint64
+	// Retries counts the attempts it ran of requests another worker had
+	// run before (see WithRetry).
+	Retries uint64
 }
 
 // Stats returns a snapshot of the balancer's figures. It never blocks, and
@@ -392,6 +468,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 			Streak:      int(w.streak.Load()),
 			Probing:     w.onTrial.Load(),
 			Ejections:   w.ejections.Load(),
+			Retries:     w.ranAgain.Load(),
 		}
 		if until := w.outUntil.Load(); until != 0 {
 			ws.Ejected, ws.EjectedUntil = true, b.epoch.Add(time.Duration(until-1))
@@ -414,6 +491,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	s.Accepted = b.accepted.Load()
 	s.Waiting = int(b.waiting.Load() + b.queued.Load())
 	s.Ejections, s.Probes, s.ProbeFailures = b.sched.ejections.Load(), b.sched.probes.Load(), b.sched.probeFailures.Load()
+	s.Retries, s.BudgetRefusals = b.retries.Load(), b.refusals.Load()
 	return s
 }
 
@@ -424,6 +502,9 @@ func (s Stats) String() string {
 		s.Accepted, s.Pending, s.Completed, s.Failed, s.Panics, s.Waiting, s.MeanWait)
 	if s.Ejections > 0 {
 		fmt.Fprintf(&b, ", %d ejected now, %d ejections, %d probes (%d failed)", s.Ejected, s.Ejections, s.Probes, s.ProbeFailures)
+	}
+	if s.Retries > 0 || s.BudgetRefusals > 0 {
+		fmt.Fprintf(&b, ", %d retries (%d refused by the budget)", s.Retries, s.BudgetRefusals)
 	}
 	for _, w := range s.Workers {
 		b.WriteString("; ")
@@ -456,6 +537,9 @@ func (w WorkerStats) String() string {
 	if w.Ejections > 0 {
 		fmt.Fprintf(&b, ", %d ejections", w.Ejections)
 	}
+	if w.Retries > 0 {
+		fmt.Fprintf(&b, ", %d retries", w.Retries)
+	}
 	if w.Removed {
 		b.WriteString(", removed")
 	}
@@ -482,6 +566,8 @@ func (s Stats) LogValue() slog.Value {
 		slog.Uint64("ejections", s.Ejections),
 		slog.Uint64("probes", s.Probes),
 		slog.Uint64("probe_failures", s.ProbeFailures),
+		slog.Uint64("retries", s.Retries),
+		slog.Uint64("budget_refusals", s.BudgetRefusals),
 		slog.Attr{Key: "workers", Value: slog.GroupValue(workers...)},
 	)
 }
@@ -508,7 +594,7 @@ func (w WorkerStats) LogValue() slog.Value {
 	if w.Ejected {
 		attrs = append(attrs, slog.Time("ejected_until", w.EjectedUntil), slog.Bool("probing", w.Probing))
 	}
-	return slog.GroupValue(append(attrs, slog.Uint64("ejections", w.Ejections))...)
+	return slog.GroupValue(append(attrs, slog.Uint64("ejections", w.Ejections), slog.Uint64("retries", w.Retries))...)
 }
 
 var (
