@@ -411,10 +411,13 @@ type budgetOption struct{ ratio, perSecond float64 }
 func (b budgetOption) apply(o *options) { o.budget = b }
 
 // WithRetryBudget bounds the extra attempts of WithRetry: at most ratio of
-// the requests accepted plus perSecond a second, over the last 10 s and
-// over the last second alike (default 0.2 and 10, as Finagle's and
-// tower's budgets), so that when everything fails at once retries do not
-// multiply the load. A retry the budget refuses leaves the request with
+// the requests accepted plus perSecond a second (default 0.2 and 10, as
+// Finagle's and tower's budgets), over the last 10 s and over the last
+// second alike, so that when everything fails at once retries do not
+// multiply the load. The account keeps slots of 100 ms; a window's extra
+// attempts are counted over every slot it overlaps and its requests over
+// the slots it covers, the last second's over its last 0.9 s only, so
+// that no second of real time sees more than its share. A retry the budget refuses leaves the request with
 // its last outcome, counted in Stats.BudgetRefusals. New returns
 // ErrInvalidArgument for a negative or non-finite ratio or perSecond.
 func WithRetryBudget(ratio, perSecond float64) Option { return budgetOption{ratio, perSecond} }
@@ -1660,56 +1663,68 @@ func (b *Balancer[Req, Res]) dropQueued() {
 }
 
 // budget is WithRetryBudget's account: the requests accepted and the
-// extra attempts, in 100 slots of 100 ms. The loop owns it.
+// extra attempts, in slots of 100 ms. The loop owns it.
 type budget struct {
 	ratio, perSecond float64
-	reqs, extra      [budgetSlots]float64
+	reqs, extra      [budgetRing]float64
 	at               int64 // the slot of the latest figures, in 100 ms since New
 }
 
+// The budget's slots: a window of 10 s is budgetWindow slots. The ring
+// keeps one slot more than a window, so that the extra attempts are
+// counted over every slot a window of that length can overlap.
 const (
-	budgetSlots = 100
-	budgetSlot  = int64(100 * time.Millisecond)
+	budgetSlot   = int64(100 * time.Millisecond)
+	budgetWindow = 100
+	budgetRing   = budgetWindow + 1
 )
 
 // roll moves the account to now, a clock reading, clearing the slots
-// that fell out of the window.
+// that fell out of the ring.
 func (g *budget) roll(now int64) {
 	slot := now / budgetSlot
-	if slot-g.at >= budgetSlots {
-		g.reqs, g.extra, g.at = [budgetSlots]float64{}, [budgetSlots]float64{}, slot
+	if slot-g.at >= budgetRing {
+		g.reqs, g.extra, g.at = [budgetRing]float64{}, [budgetRing]float64{}, slot
 	}
 	for g.at < slot {
 		g.at++
-		g.reqs[g.at%budgetSlots], g.extra[g.at%budgetSlots] = 0, 0
+		g.reqs[g.at%budgetRing], g.extra[g.at%budgetRing] = 0, 0
 	}
 }
 
 // deposit counts one request accepted at about now.
 func (g *budget) deposit(now int64) {
 	g.roll(now)
-	g.reqs[g.at%budgetSlots]++
+	g.reqs[g.at%budgetRing]++
 }
 
 // allow reports whether one more extra attempt at now stays within the
-// budget, over the last 10 s and over the last second.
+// budget over the last 10 s and over the last second: the extra attempts
+// of every slot a window overlaps (one more than it covers), the requests
+// of the slots it covers, and for the last second of its last 9 only,
+// which keeps the noise of arrivals from carrying a second of real time
+// over its share (measured: 18.5–18.9 % + 10/s in the fault table's
+// outage row, against 20.8 % counting all 10).
 func (g *budget) allow(now int64) bool {
 	g.roll(now)
+	second := int64(time.Second) / budgetSlot
 	var reqs, extra, reqs1, extra1 float64
-	for k := range int64(budgetSlots) {
-		i := (g.at - k) % budgetSlots
-		if i < 0 {
-			i += budgetSlots
+	for k := range int64(budgetRing) {
+		i := ((g.at-k)%budgetRing + budgetRing) % budgetRing // slots before New are empty
+		if k < budgetWindow {
+			reqs += g.reqs[i]
 		}
-		reqs += g.reqs[i]
 		extra += g.extra[i]
-		if k < int64(time.Second)/budgetSlot {
+		if k < second-1 {
 			reqs1 += g.reqs[i]
+		}
+		if k <= second {
 			extra1 += g.extra[i]
 		}
 	}
-	return extra+1 <= g.ratio*reqs+g.perSecond*10 && extra1+1 <= g.ratio*reqs1+g.perSecond
+	return extra+1 <= g.ratio*reqs+g.perSecond*float64(budgetWindow*budgetSlot)/float64(time.Second) &&
+		extra1+1 <= g.ratio*reqs1+g.perSecond
 }
 
 // spend counts one extra attempt, in the slot allow just moved to.
-func (g *budget) spend() { g.extra[g.at%budgetSlots]++ }
+func (g *budget) spend() { g.extra[g.at%budgetRing]++ }

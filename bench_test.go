@@ -320,6 +320,9 @@ type scenario struct {
 	failing                    int
 	failP                      float64
 	failEvery, failAt, failFor time.Duration
+	// The balancer retries up to retry attempts (WithRetry) if set, and
+	// the failures are marked Unprocessed, which it may retry.
+	retry int
 }
 
 // failTime is how long a failing worker takes to fail a request.
@@ -457,19 +460,33 @@ type run struct {
 	failed     []bool          // its outcome was an error
 	stats      balancer.Stats  // the balancer's, at the end
 	maxEjected int             // the most workers the balancer had ejected at once, at any millisecond
+	attempts   []atomic.Int32  // each request's runs
+	ranOn      []atomic.Uint64 // the workers that ran each request, a bit each
+	twice      atomic.Bool     // a request ran twice on one worker
+	extraIn    atomic.Int64    // attempts beyond the first that started while the failing workers fail
 }
 
 // offerRun is offer with the failures and the balancer's figures.
-func offerRun(t testing.TB, s scenario, w workload, name string) run {
-	r := run{lat: make([]time.Duration, len(w.at)), who: make([]int, len(w.at)), failed: make([]bool, len(w.at))}
+func offerRun(t testing.TB, s scenario, w workload, name string) *run {
+	r := &run{lat: make([]time.Duration, len(w.at)), who: make([]int, len(w.at)), failed: make([]bool, len(w.at)),
+		attempts: make([]atomic.Int32, len(w.at)), ranOn: make([]atomic.Uint64, len(w.at))}
 	lat, who := r.lat, r.who
 	start := time.Now()
 	serve := func(i int) balancer.Func[int, int] {
 		return func(ctx context.Context, req int) (int, error) {
 			who[req] = i
 			at := time.Since(start)
+			if n := r.attempts[req].Add(1); n > 1 && s.failingAt(at) {
+				r.extraIn.Add(1)
+			}
+			if bit := uint64(1) << (i % 64); r.ranOn[req].Or(bit)&bit != 0 {
+				r.twice.Store(true)
+			}
 			if s.fails(i, req, at) {
 				time.Sleep(failTime)
+				if s.retry > 0 {
+					return 0, balancer.Unprocessed(errBackend)
+				}
 				return 0, errBackend
 			}
 			if end, ok := s.stalled(i, at); ok {
@@ -487,7 +504,7 @@ func offerRun(t testing.TB, s scenario, w workload, name string) run {
 	case "count", "estimate", noEjection:
 		b, err := balancer.New(0, serve(0), balancer.WithQueueDepth(s.depth),
 			balancer.WithConcurrency(s.concurrency), balancer.WithLoadEstimate(name != "count"),
-			balancer.WithEjection(name != noEjection))
+			balancer.WithEjection(name != noEjection), balancer.WithRetry(max(s.retry, 1)))
 		require.NoError(t, err)
 		for i := range s.workers {
 			_, err := b.AddWorker(serve(i))
@@ -876,6 +893,12 @@ func faultScenarios() []scenario {
 	most.failing = 5
 	add("5 of 8 fail every request", most)
 	add("1 of 1 fails every request", scenario{workers: 1, concurrency: 1, depth: 1, load: 0.5, failing: 1, failP: 1})
+	retry := even
+	retry.retry = 3
+	add("1 of 8 fails every request, retryable, with retry", retry)
+	outage := retry
+	outage.failing, outage.failEvery, outage.failAt, outage.failFor = 8, 30*time.Second, 10*time.Second, time.Second
+	add("all 8 fail for 1 s of 30 s, retryable, with retry", outage)
 	return all
 }
 
@@ -887,6 +910,9 @@ type faultFigures struct {
 	back       float64          // in a scenario that heals, worker 0's share ÷ fair 6 to 14 s after
 	perEpisode float64          // in a scenario that heals, failures per episode of failure
 	probes     float64          // the balancer's probes per episode, or in all
+	extra      float64          // attempts beyond the first that started while the failing workers fail, per request arriving then
+	bound      float64          // in a scenario with retries, what the budget allows of extra (20 % + 10/s)
+	twice      bool             // a request ran twice on one worker
 	stats      balancer.Stats
 	maxEjected int
 }
@@ -907,9 +933,9 @@ func measureFaults(t *testing.T, s scenario, names []string, seed uint64, n int)
 		if name == healthy {
 			sc.failing, d = 0, "estimate"
 		}
-		var r run
+		var r *run
 		synctest.Test(t, func(t *testing.T) { r = offerRun(t, sc, w, d) })
-		g := faultFigures{stats: r.stats, maxEjected: r.maxEjected}
+		g := faultFigures{stats: r.stats, maxEjected: r.maxEjected, twice: r.twice.Load()}
 		var ok []time.Duration
 		var all, failing, failed float64
 		for i, at := range w.at {
@@ -933,7 +959,12 @@ func measureFaults(t *testing.T, s scenario, names []string, seed uint64, n int)
 				g.q[k] = ok[int(p*float64(len(ok)-1))]
 			}
 		}
-		g.share, g.failed = failing/all, failed/all
+		g.share, g.failed, g.extra = failing/all, failed/all, float64(r.extraIn.Load())/all
+		window := float64(w.at[len(w.at)-1])
+		if s.failFor > 0 {
+			window = math.Ceil(window/float64(s.failEvery)) * float64(s.failFor)
+		}
+		g.bound = 0.2 + 10*window/float64(time.Second)/all
 		g.probes = float64(r.stats.Probes)
 		if s.failFor > 0 {
 			last := w.at[len(w.at)-1]
@@ -1013,8 +1044,11 @@ func TestFaultQuality(t *testing.T) {
 			if name == "estimate" || name == "count" || name == noEjection {
 				ej = fmt.Sprintf("%d, %d (%d), %d", g.stats.Ejections, g.stats.Probes, g.stats.ProbeFailures, g.maxEjected)
 			}
-			if s.failFor > 0 {
+			if s.failFor > 0 && s.failing < s.workers {
 				after = fmt.Sprintf("%.2f of fair 6–14 s after; %.1f failures and %.1f probes an episode", g.back, g.perEpisode, g.probes)
+			}
+			if s.retry > 0 && name == "estimate" {
+				after += fmt.Sprintf("extra attempts %.2f %% of requests (budget %.2f %%), a worker twice: %v", 100*g.extra, 100*g.bound, g.twice)
 			}
 			fmt.Printf("| %s | %s | %.1f | %.1f | %.1f | %.2f %% | %.2f %% | %s | %s |\n", s.name, name,
 				ms(g.q[0]), ms(g.q[1]), ms(g.q[2]), 100*g.share, 100*g.failed, ej, after)
