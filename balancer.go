@@ -1305,6 +1305,9 @@ func (b *Balancer[Req, Res]) drain() bool {
 		b.takeQueued(w)
 	}
 	b.takeCompletions()
+	if len(b.again) > 0 {
+		b.retryWaiting()
+	}
 	return b.ready()
 }
 
@@ -1411,8 +1414,10 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 }
 
 // takeRetries takes the requests handed back to be tried again: each is
-// pending again, and goes to a worker it has not tried as soon as one has
-// room (see tryAgain).
+// pending again, and waits in again for drain to send it to a worker it
+// has not tried (see tryAgain). Not sent here: takeCompletions runs
+// between the loop's check for room and its dispatch, which the room is
+// for.
 func (b *Balancer[Req, Res]) takeRetries() {
 	for a := b.retried.Swap(nil); a != nil; {
 		next := a.next
@@ -1421,7 +1426,6 @@ func (b *Balancer[Req, Res]) takeRetries() {
 		b.again = append(b.again, a)
 		a = next
 	}
-	b.retryWaiting()
 }
 
 // retryWaiting tries again every retry that waits, in the order they came.

@@ -2414,6 +2414,9 @@ func (st *stress) failing(always bool) Func[int, int] {
 	return func(ctx context.Context, i int) (int, error) {
 		if always || i%2 == 0 {
 			st.ran[i].Add(1)
+			if i%3 == 0 {
+				return 0, Unprocessed(errDead) // retried elsewhere in rounds with WithRetry
+			}
 			return 0, errDead
 		}
 		return st.fn(ctx, i)
@@ -2424,6 +2427,7 @@ type stress struct {
 	seed     int64
 	requests int
 	depth    int
+	retry    bool // the round retries: a request may run on several workers, once on each
 	ran      []atomic.Int32 // times the Func ran for request i
 	kindOf   []int
 	results  []<-chan Result[int, int] // nil if refused
@@ -2469,6 +2473,10 @@ func (st *stress) run(t *testing.T) {
 		opts = append(opts, WithLoadEstimate(true))
 	}
 	opts = append(opts, WithConcurrency(1+int(uint64(st.seed)/8%3))) // New's workers: 1 to 3
+	if st.seed%5 < 2 {
+		st.retry = true
+		opts = append(opts, WithRetry(3), WithRetryOn(func(_ int, err error) bool { return errors.Is(err, errStress) }))
+	}
 	switch st.seed % 3 {
 	case 0:
 		opts = append(opts, WithEjection(false))
@@ -2499,6 +2507,7 @@ func (st *stress) run(t *testing.T) {
 	s := b.Stats()
 	st.kinds["ejections"] += int(s.Ejections)
 	st.kinds["probes"] += int(s.Probes)
+	st.kinds["retries"] += int(s.Retries)
 }
 
 // submitter sends requests until they run out or the balancer closes.
@@ -2585,11 +2594,11 @@ func (st *stress) doer(t *testing.T, b *Balancer[int, int], g uint64) {
 // accepted the request, and the kind of outcome.
 func (st *stress) checkDo(t *testing.T, i int, r Result[int, int]) (accepted bool, kind string) {
 	ran := st.ran[i].Load()
-	require.LessOrEqual(t, ran, int32(1), "request %d ran twice", i)
+	require.LessOrEqual(t, ran, st.runs(), "request %d ran too often", i)
 	var pe *PanicError
 	switch {
 	case errors.Is(r.Err, ErrClosed):
-		require.Zero(t, ran, "request %d: ErrClosed but it ran", i)
+		require.True(t, ran == 0 || st.retry, "request %d: ErrClosed but it ran", i)
 		return false, "do: closed"
 	case errors.Is(r.Err, context.Canceled), errors.Is(r.Err, context.DeadlineExceeded):
 		return false, "do: ctx ended"
@@ -2611,8 +2620,16 @@ func (st *stress) checkDo(t *testing.T, i int, r Result[int, int]) (accepted boo
 	default:
 		t.Fatalf("request %d: unexpected outcome of Do %v", i, r.Err)
 	}
-	require.Equal(t, int32(1), ran, "request %d: outcome %q but the Func did not run", i, kind)
+	require.True(t, ran == 1 || st.retry && ran >= 1, "request %d: outcome %q but the Func ran %d times", i, kind, ran)
 	return true, kind
+}
+
+// runs is how often a request may run: once, or once per attempt.
+func (st *stress) runs() int32 {
+	if st.retry {
+		return 3
+	}
+	return 1
 }
 
 // resultChan gives check the one result already read, followed by whatever
@@ -2716,7 +2733,7 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 		}
 		completed++
 		ran := st.ran[i].Load()
-		require.LessOrEqual(t, ran, int32(1), "request %d ran twice", i)
+		require.LessOrEqual(t, ran, st.runs(), "request %d ran too often", i)
 		var pe *PanicError
 		kind := "value"
 		switch {
@@ -2725,9 +2742,11 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 			require.Equal(t, 2*i, r.Value)
 		case errors.Is(r.Err, ErrClosed):
 			kind = "closed"
-			require.Zero(t, ran, "request %d: ErrClosed but it ran", i)
+			require.True(t, ran == 0 || st.retry, "request %d: ErrClosed but it ran", i)
 		case errors.Is(r.Err, context.Canceled) && ran == 0:
 			kind = "cancelled before it ran"
+		case errors.Is(r.Err, context.Canceled) && st.retry && st.kindOf[i] != kindBlock:
+			kind = "cancelled between attempts"
 		case errors.As(r.Err, &pe):
 			kind = "panic"
 			panics++
@@ -2750,21 +2769,28 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 		if r.Err != nil {
 			failed++
 		}
-		if kind != "closed" && kind != "cancelled before it ran" {
+		switch {
+		case kind == "closed" || kind == "cancelled before it ran":
+		case st.retry:
+			require.Equal(t, int(ran), r.Attempts, "request %d: outcome %q after %d attempts, but it ran %d times", i, kind, r.Attempts, ran)
+		default:
 			require.Equal(t, int32(1), ran, "request %d: outcome %q but the Func did not run", i, kind)
 		}
 		st.kinds[kind]++
 	}
 	// A Do that returned its ctx's error or ErrClosed may or may not have
 	// been accepted, and may have failed or panicked after it returned.
+	// With retries, each attempt counts in Completed, and Failed and
+	// Panics count attempts too.
 	s := b.Stats()
-	assert.Equal(t, s.Accepted, s.Completed, "accepted and completed")
+	extra := s.Retries
+	assert.Equal(t, s.Accepted+extra, s.Completed, "accepted, retried and completed")
 	assert.GreaterOrEqual(t, s.Completed, completed, "completed")
-	assert.LessOrEqual(t, s.Completed, completed+uncertain, "completed")
+	assert.LessOrEqual(t, s.Completed, completed+uncertain+extra, "completed")
 	assert.GreaterOrEqual(t, s.Failed, failed, "failed")
-	assert.LessOrEqual(t, s.Failed, failed+uncertain, "failed")
+	assert.LessOrEqual(t, s.Failed, failed+uncertain+extra, "failed")
 	assert.GreaterOrEqual(t, s.Panics, panics, "panics")
-	assert.LessOrEqual(t, s.Panics, panics+uncertain, "panics")
+	assert.LessOrEqual(t, s.Panics, panics+uncertain+extra, "panics")
 	assert.Zero(t, s.Pending)
 }
 
@@ -4155,7 +4181,8 @@ func failTo(t *testing.T, b *Balancer[int, int]) int {
 // then has the next request hold worker 1, whose Func holds request 1.
 func holdWorker1(t *testing.T, b *Balancer[int, int]) <-chan Result[int, int] {
 	t.Helper()
-	for (<-mustSubmit(t, b, 2)).Worker != 0 {
+	for n := 0; (<-mustSubmit(t, b, 2)).Worker != 0; n++ {
+		require.Less(t, n, 8, "worker 0 is never next")
 	}
 	held := mustSubmit(t, b, 1)
 	synctest.Wait()
