@@ -2427,7 +2427,7 @@ type stress struct {
 	seed     int64
 	requests int
 	depth    int
-	retry    bool // the round retries: a request may run on several workers, once on each
+	retry    bool           // the round retries: a request may run on several workers, once on each
 	ran      []atomic.Int32 // times the Func ran for request i
 	kindOf   []int
 	results  []<-chan Result[int, int] // nil if refused
