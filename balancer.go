@@ -1573,7 +1573,6 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	case c.op == opQuit:
 		b.closing = true
 		b.refuseWaiting()
-		b.retryWaiting() // closing: each gets its last outcome
 		return commandReply{}
 	case c.op == opAbort:
 		b.dropQueued()
