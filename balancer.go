@@ -500,7 +500,7 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // Every accepted request gets exactly one outcome: the Func's result, its
 // error unchanged, a *PanicError, ErrGoexit, the request's ctx.Err() if it
 // ended before a worker started the request, or ErrClosed if Shutdown gave
-// up on it. A Func panic or runtime.Goexit never kills a worker.
+// up on it; with WithRetry, that of its last attempt. A Func panic or runtime.Goexit never kills a worker.
 //
 // A Func may call Do or Submit on its own balancer, but if every worker is
 // busy doing that, nothing can free a slot: such calls wait until their ctx
@@ -1408,7 +1408,7 @@ func (b *Balancer[Req, Res]) takeCompletions() {
 	}
 	// A slot hands a request back before it reports the completion, so
 	// every retry whose completion was just taken is on the stack now.
-	if b.retried.Load() != nil {
+	if b.attempts > 1 && b.retried.Load() != nil {
 		b.takeRetries()
 	}
 }

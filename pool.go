@@ -1021,18 +1021,18 @@ func failRate(health uint64, now int64) float64 {
 	return e
 }
 
-// account records the class c of r's outcome in w's health: a Success ends
+// account records the class c of an outcome in w's health: a Success ends
 // its run of Failures and lowers its failure rate (a probe's clears it), a
 // Failure lengthens the run and raises the rate, an Overload raises the
 // rate. The outcome of a probe is also kept for the loop (see
 // completeOut). w's slots call it concurrently.
-func (w *worker[Req, Res]) account(r request[Req, Res], c Class) {
+func (w *worker[Req, Res]) account(probe bool, c Class) {
 	switch c {
 	case Success:
 		if w.streak.Load() != 0 {
 			w.streak.Store(0)
 		}
-		if r.probe {
+		if probe {
 			w.health.Store(0)
 		} else if w.health.Load() != 0 {
 			w.foldHealth(0)
@@ -1043,7 +1043,7 @@ func (w *worker[Req, Res]) account(r request[Req, Res], c Class) {
 	case Overload:
 		w.foldHealth(1)
 	}
-	if r.probe {
+	if probe {
 		w.probeClass.Store(uint32(c) + 1)
 	}
 }

@@ -271,7 +271,7 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	if res.Err != nil {
 		w.failed.Add(1)
 	}
-	w.account(r, c)
+	w.account(r.probe, c)
 	w.completed.Add(1)
 	w.running.Add(-1)
 	// The slot is reported before the result is delivered, so a caller
