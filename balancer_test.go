@@ -1997,6 +1997,7 @@ func checkOut(t *testing.T, h *heapHarness) {
 	for _, w := range h.s.out {
 		require.True(t, w.ejected)
 		require.True(t, w.pending >= 0 && w.pending <= w.limit, "pending %d", w.pending)
+		require.True(t, w.trial || w.pending < w.limit, "ejected worker %d is full without a probe", w.id)
 		for _, s := range h.p.slots {
 			require.NotSame(t, w, s.w, "ejected worker %d is in the heap", w.id)
 		}
@@ -3560,7 +3561,9 @@ func FuzzPool(f *testing.F) {
 				h.now += int64(arg) * int64(50*time.Millisecond)
 				switch {
 				case arg%2 == 0 && h.p.Len() > 0 && h.s.ejectable():
-					h.s.ejectWorker(h.p.slots[arg%h.p.Len()].w)
+					if w := h.p.slots[arg%h.p.Len()].w; w.pending < w.limit { // as the loop, at a completion
+						h.s.ejectWorker(w)
+					}
 				case arg%2 == 1 && len(h.s.out) > 0:
 					h.s.remove(h.s.out[arg%len(h.s.out)])
 				}

@@ -916,11 +916,13 @@ func (s *sched[Req, Res]) banish(w *worker[Req, Res], now int64) {
 }
 
 // setDue finds the next probe due: the earliest end of an ejection whose
-// worker has room for its probe and none out.
+// worker has no probe out. An ejected worker always has room for its
+// probe: it was ejected at a completion, which left a slot free, and it
+// gets no request but its probe.
 func (s *sched[Req, Res]) setDue() {
 	s.due = 0
 	for _, w := range s.out {
-		if !w.trial && w.pending < w.limit && (s.due == 0 || w.until < s.due) {
+		if !w.trial && (s.due == 0 || w.until < s.due) {
 			s.due = w.until
 		}
 	}
@@ -934,7 +936,7 @@ func (s *sched[Req, Res]) probeDue() *worker[Req, Res] {
 		return nil
 	}
 	for _, w := range s.out {
-		if !w.trial && w.pending < w.limit && w.until <= now {
+		if !w.trial && w.until <= now {
 			w.trial = true
 			w.pending++
 			w.probeClass.Store(0)
@@ -952,9 +954,6 @@ func (s *sched[Req, Res]) probeDue() *worker[Req, Res] {
 // its probe, if that was it.
 func (s *sched[Req, Res]) completeOut(w *worker[Req, Res]) {
 	if !w.trial {
-		if s.due == 0 || w.until < s.due {
-			s.setDue() // it may have room for its probe now
-		}
 		return
 	}
 	c := w.probeClass.Load()

@@ -132,7 +132,6 @@ muts = {
  "All counts ejected workers": ("balancer.go", "if !w.gone.Load() && w.outUntil.Load() == 0 {", "if !w.gone.Load() {"),
  "removing the last in service leaves the ejected out": ("pool.go", "\tfor len(s.out) > s.maxOut() { // never the last worker", "\tfor false {"),
  "the loop does not close ejected workers": ("balancer.go", "\tfor _, w := range b.workers { // every worker but those removed, whose channels are closed\n\t\tif !w.removed {\n\t\t\tclose(w.reqs)\n\t\t}\n\t}", "\tfor _, s := range b.sched.pool.slots {\n\t\tclose(s.w.reqs)\n\t}"),
- "a full ejected worker's probe is forgotten": ("pool.go", "\t\t\ts.setDue() // it may have room for its probe now\n", ""),
  "a retry may go to a worker it ran on": ("pool.go", "\t\tif slices.Contains(tried, sl.w.id) {", "\t\tif false {"),
  "failures retried without the predicate": ("worker.go", "\t\tif w.b.retryOn == nil {\n\t\t\treturn false", "\t\tif w.b.retryOn == nil {\n\t\t\treturn true"),
  "overload not retried": ("worker.go", "\tcase Unavailable, Overload:\n\t\treturn true", "\tcase Unavailable:\n\t\treturn true"),
