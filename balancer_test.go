@@ -4777,3 +4777,58 @@ func TestRetryOptionsMustFit(t *testing.T) {
 		assert.ErrorIs(t, err, ErrInvalidArgument)
 	}
 }
+
+// A retry never takes the room the loop found for the request it is
+// dispatching: here worker 0's fifth failure ejects it while the loop is
+// about to take request 6 for worker 1's one slot, and the failure's
+// retry, for worker 1 too, must wait. The loop's select picks the request
+// or the completion's wake at random, so the race is run 20 times.
+func TestRetryTakesNoRoomPromised(t *testing.T) {
+	for range 20 {
+		synctest.Test(t, func(t *testing.T) {
+			fail5, hold1 := make(chan struct{}), make(chan struct{})
+			var holding, arm atomic.Bool
+			parked, resume := make(chan struct{}), make(chan struct{})
+			b, err := NewFrom([]WorkerSpec[int, int]{
+				{Func: func(ctx context.Context, i int) (int, error) {
+					if i == 5 {
+						<-fail5
+					}
+					return 0, Unprocessed(errDown)
+				}, Options: []WorkerOption{WithWeight(100)}}, // first for every request
+				{Func: func(ctx context.Context, i int) (int, error) {
+					if holding.Load() {
+						<-hold1
+					}
+					return i, nil
+				}},
+			}, WithLoadEstimate(false), WithRetry(2), &withHooks{park: func() {
+				if arm.CompareAndSwap(true, false) {
+					parked <- struct{}{}
+					<-resume
+				}
+			}})
+			require.NoError(t, err)
+			defer b.Close()
+			for i := range 4 {
+				res := <-mustSubmit(t, b, i+1) // fails on worker 0, served by worker 1
+				require.Equal(t, [2]int{1, 2}, [2]int{res.Worker, res.Attempts})
+			}
+			holding.Store(true)
+			arm.Store(true)
+			five := mustSubmit(t, b, 5) // on worker 0, until fail5
+			<-parked
+			six := make(chan Result[int, int], 1)
+			go func() { six <- <-mustSubmit(t, b, 6) }()
+			close(fail5)
+			synctest.Wait()
+			close(resume)
+			synctest.Wait()
+			w := b.Stats().Workers[1]
+			assert.LessOrEqual(t, w.Pending, 1, "worker 1 holds more than its one slot")
+			close(hold1)
+			assert.NoError(t, (<-five).Err)
+			assert.NoError(t, (<-six).Err)
+		})
+	}
+}
