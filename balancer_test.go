@@ -4787,7 +4787,8 @@ func TestRetryTakesNoRoomPromised(t *testing.T) {
 	for range 20 {
 		synctest.Test(t, func(t *testing.T) {
 			fail5, hold1 := make(chan struct{}), make(chan struct{})
-			var holding, arm atomic.Bool
+			var holding atomic.Bool
+			var sent atomic.Int64 // requests the loop handed to workers: the first 4 twice each, then 5
 			parked, resume := make(chan struct{}), make(chan struct{})
 			b, err := NewFrom([]WorkerSpec[int, int]{
 				{Func: func(ctx context.Context, i int) (int, error) {
@@ -4802,12 +4803,14 @@ func TestRetryTakesNoRoomPromised(t *testing.T) {
 					}
 					return i, nil
 				}},
-			}, WithLoadEstimate(false), WithRetry(2), &withHooks{park: func() {
-				if arm.CompareAndSwap(true, false) {
-					parked <- struct{}{}
-					<-resume
-				}
-			}})
+			}, WithLoadEstimate(false), WithRetry(2), &withHooks{
+				send: func() { sent.Add(1) },
+				park: func() {
+					if sent.Load() == 9 && sent.CompareAndSwap(9, 10) { // parking after it sent 5
+						parked <- struct{}{}
+						<-resume
+					}
+				}})
 			require.NoError(t, err)
 			defer b.Close()
 			for i := range 4 {
@@ -4815,7 +4818,6 @@ func TestRetryTakesNoRoomPromised(t *testing.T) {
 				require.Equal(t, [2]int{1, 2}, [2]int{res.Worker, res.Attempts})
 			}
 			holding.Store(true)
-			arm.Store(true)
 			five := mustSubmit(t, b, 5) // on worker 0, until fail5
 			<-parked
 			six := make(chan Result[int, int], 1)
