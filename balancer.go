@@ -62,8 +62,9 @@ var (
 	// not accepted, or (from Shutdown giving up) was accepted but not run.
 	ErrClosed = errors.New("balancer: closed")
 	// ErrInvalidArgument reports a bad argument: a negative worker count,
-	// a queue depth, concurrency or weight out of range, a nil Func or a
-	// nil context.
+	// a queue depth, concurrency, weight, attempts or retry budget out of
+	// range, a nil Func, classifier or retry predicate (or one for another
+	// Res), or a nil context.
 	ErrInvalidArgument = errors.New("balancer: invalid argument")
 	// ErrFull reports that TrySubmit found every worker full, or none.
 	ErrFull = errors.New("balancer: every worker is full")
