@@ -669,6 +669,12 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 		step(&w.level, int64(d), levelRise)
 		return
 	}
+	// The first runs depend on each other (the running mean, the capped
+	// first run and the second that replaces it), and so does a restart:
+	// slots that finish at once take their turns. They are rare, and the
+	// common case above never waits.
+	w.early.Lock()
+	defer w.early.Unlock()
 	if n < fallSmoothing { // past it, n is not read
 		n = w.observed.Add(1)
 	}

@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -136,6 +137,7 @@ type worker[Req, Res any] struct {
 	level       atomic.Int64 // a calmer moving average of the same runs, for the scale (see levelRise)
 	observed    atomic.Int64 // runs folded into service, counted up to fallSmoothing
 	provisional atomic.Bool  // service is the first run's, capped (see observe)
+	early       sync.Mutex   // orders the observations off observe's common path
 }
 
 func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o workerOptions) *worker[Req, Res] {
