@@ -528,6 +528,7 @@ type Balancer[Req, Res any] struct {
 	abort    context.CancelCauseFunc
 	wg       sync.WaitGroup // the worker goroutines
 	waiters  sync.Pool      // *waiter[Req, Res], for Do
+	slots    sync.Map       // the IDs of the goroutines serving as slots (see inFunc)
 	accepted atomic.Uint64  // written by the loop
 	waiting  atomic.Int64   // callers blocked in submit; each adds and removes itself
 	idle     atomic.Bool    // the loop is parked, or about to park, with room: a Do that clears it pokes the loop (see Do)
@@ -976,8 +977,9 @@ func (b *Balancer[Req, Res]) All(ctx context.Context, reqs iter.Seq[Req]) iter.S
 // can hold.
 func (b *Balancer[Req, Res]) capacity() int {
 	n := 0
-	for _, w := range b.roster.Load().workers {
-		if !w.gone.Load() && w.outUntil.Load() == 0 {
+	r := b.roster.Load()
+	for _, w := range r.workers {
+		if r.holds(w) && !w.gone.Load() && w.outUntil.Load() == 0 {
 			n += w.limit
 		}
 	}
@@ -1612,7 +1614,9 @@ func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], o workerOptions) int {
 	b.workers[w.id] = w
 	b.sched.add(w)
 	r := b.roster.Load()
-	b.roster.Store(&roster[Req, Res]{workers: append(r.workers[:len(r.workers):len(r.workers)], w), retired: r.retired})
+	next := *r
+	next.workers = append(r.workers, w) // past every published length: see roster
+	b.roster.Store(&next)
 	w.start()
 	return w.id
 }
@@ -1625,11 +1629,16 @@ func (b *Balancer[Req, Res]) retire(w *worker[Req, Res]) {
 	b.draining--
 	close(w.retired)
 	r := b.roster.Load()
-	next := &roster[Req, Res]{retired: r.retired.plus(w.counts())}
-	for _, v := range r.workers {
-		if v != w {
-			next.workers = append(next.workers, v)
+	next := &roster[Req, Res]{workers: r.workers, retired: r.retired.plus(w.counts()), gen: r.gen + 1, dead: r.dead + 1}
+	w.retiredAt.Store(next.gen) // before next is published: a reader of r still counts w
+	if next.dead > len(next.workers)/2 {
+		live := make([]*worker[Req, Res], 0, len(next.workers)-next.dead)
+		for _, v := range next.workers {
+			if next.holds(v) {
+				live = append(live, v)
+			}
 		}
+		next.workers, next.dead = live, 0
 	}
 	b.roster.Store(next)
 }
@@ -1663,7 +1672,9 @@ func (b *Balancer[Req, Res]) dropQueued() {
 	}
 	b.sched.refresh()
 	r := b.roster.Load()
-	b.roster.Store(&roster[Req, Res]{workers: r.workers, retired: r.retired.plus(dropped)})
+	next := *r
+	next.retired = r.retired.plus(dropped)
+	b.roster.Store(&next)
 }
 
 // budget is WithRetryBudget's account: the requests accepted and the

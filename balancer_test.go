@@ -4834,3 +4834,35 @@ func TestRetryTakesNoRoomPromised(t *testing.T) {
 		})
 	}
 }
+
+// The roster marks retired workers and compacts when half are marked:
+// Stats lists exactly the workers not retired and counts every retired
+// worker's outcomes once, through every compaction.
+func TestRosterCompacts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 10, square)
+		defer b.Close()
+		for i := range 10 {
+			_, err := b.Do(context.Background(), i)
+			require.NoError(t, err)
+		}
+		want := []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}
+		for _, id := range []int{3, 0, 7, 9, 1, 5, 8} {
+			require.NoError(t, b.RemoveWorker(context.Background(), id))
+			want = slices.DeleteFunc(want, func(x int) bool { return x == id })
+			s := b.Stats()
+			var ids []int
+			for _, w := range s.Workers {
+				ids = append(ids, w.ID)
+			}
+			assert.Equal(t, want, ids, "after removing %d", id)
+			assert.Equal(t, uint64(10), s.Completed, "every outcome counted once")
+			r := b.roster.Load()
+			assert.LessOrEqual(t, r.dead, len(r.workers)/2, "compacted once half are retired")
+		}
+		id, err := b.AddWorker(square)
+		require.NoError(t, err)
+		assert.Equal(t, 10, id)
+		assert.Len(t, b.Stats().Workers, 4)
+	})
+}

@@ -1250,6 +1250,42 @@ func TestFleetQuality(t *testing.T) {
 	}
 }
 
+// BenchmarkNew starts and closes a balancer of n workers; with n =
+// 100 000 it is the cost of a worker per connection or shard at scale.
+func BenchmarkNew(b *testing.B) {
+	for _, n := range []int{1000, 100_000} {
+		b.Run(fmt.Sprintf("workers=%d", n), func(b *testing.B) {
+			for range b.N {
+				d, err := balancer.New(n, trivial)
+				if err != nil {
+					b.Fatal(err)
+				}
+				d.Close()
+			}
+		})
+	}
+}
+
+// BenchmarkAddRemoveWorker adds a worker to a balancer of 100 000 and
+// removes it; one op is one pair.
+func BenchmarkAddRemoveWorker(b *testing.B) {
+	d, err := balancer.New(100_000, trivial)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	b.ResetTimer()
+	for range b.N {
+		id, err := d.AddWorker(trivial)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := d.RemoveWorker(context.Background(), id); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // BenchmarkBalance is the balance-quality table's main rows in real time,
 // 2000 requests each, so that real overheads (timers, wake-ups, the
 // loop's own cost) stay visible beside the fake-time figures of

@@ -50,8 +50,7 @@ func (r request[Req, Res]) deliver(res Result[Req, Res]) {
 
 // runner is what others may read of one slot of a worker.
 type runner struct {
-	goroutine atomic.Int64 // ID of the goroutine serving, so that Close can tell when a Func calls it
-	since     atomic.Int64 // b.now() when the request it runs started; 0 while idle
+	since atomic.Int64 // b.now() when the request it runs started; 0 while idle
 }
 
 // worker serves requests from its queue on concurrency goroutines, its
@@ -123,6 +122,7 @@ type worker[Req, Res any] struct {
 	panics    atomic.Uint64
 	ejections atomic.Uint64 // written by the loop
 	ranAgain  atomic.Uint64 // attempts it took that another worker had run before (see WithRetry)
+	retiredAt atomic.Uint64 // the generation of the roster that retired it; 0 before (see roster)
 	outUntil  atomic.Int64  // while ejected, when its ejection ends; 0 in service; the loop writes it
 	onTrial   atomic.Bool   // its probe is out; the loop writes it
 
@@ -171,7 +171,9 @@ func (w *worker[Req, Res]) start() {
 // done b.wg.Add(1) for it, and counted it in live.
 func (w *worker[Req, Res]) run(i int) {
 	defer w.b.wg.Done()
-	w.runners[i].goroutine.Store(goid())
+	id := goid()
+	w.b.slots.Store(id, struct{}{}) // so that Close can tell when a Func calls it
+	defer w.b.slots.Delete(id)
 	for r := range w.reqs {
 		w.serve(i, r)
 	}
@@ -439,14 +441,17 @@ type WorkerStats struct {
 func (b *Balancer[Req, Res]) Stats() Stats {
 	r := b.roster.Load()
 	s := Stats{
-		Workers:   make([]WorkerStats, len(r.workers)),
+		Workers:   make([]WorkerStats, 0, len(r.workers)-r.dead),
 		Completed: r.retired.completed,
 		Failed:    r.retired.failed,
 		Panics:    r.retired.panics,
 		TotalWait: time.Duration(r.retired.waited),
 	}
 	var weighted, weights float64
-	for i, w := range r.workers {
+	for _, w := range r.workers {
+		if !r.holds(w) {
+			continue
+		}
 		pending, completed := w.load()
 		c := counts{completed, w.failed.Load(), w.panics.Load(), w.waited.Load()}
 		// A slot counts a request as completed before it stops counting
@@ -476,7 +481,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 			ws.Ejected, ws.EjectedUntil = true, b.epoch.Add(time.Duration(until-1))
 			s.Ejected++
 		}
-		s.Workers[i] = ws
+		s.Workers = append(s.Workers, ws)
 		s.Pending += ws.Pending
 		s.Completed += c.completed
 		s.Failed += c.failed
@@ -604,12 +609,25 @@ var (
 	_ slog.LogValuer = WorkerStats{}
 )
 
-// roster is what Stats reads: the workers not yet retired, in ID order, and
-// the final counts of those retired. The loop replaces it whole, never
-// changes it in place.
+// roster is what Stats reads: the workers in ID order, and the final
+// counts of those retired. The loop replaces it whole and never changes a
+// roster it published: adding a worker appends to the workers' array past
+// every published length (a retire never shortens it), so it costs O(1)
+// amortised; a retire marks the worker with the new roster's generation
+// instead of copying the rest, and the workers are compacted when half of
+// them are marked, O(1) amortised too.
 type roster[Req, Res any] struct {
-	workers []*worker[Req, Res]
+	workers []*worker[Req, Res] // those that hold(w) and, until compacted, some retired
 	retired counts
+	gen     uint64 // retires so far
+	dead    int    // retired workers still in workers
+}
+
+// holds reports whether w, one of r.workers, is not retired as of r: its
+// counts are not in r.retired yet.
+func (r *roster[Req, Res]) holds(w *worker[Req, Res]) bool {
+	at := w.retiredAt.Load()
+	return at == 0 || at > r.gen
 }
 
 type counts struct {
@@ -655,13 +673,6 @@ func goid() int64 {
 
 // inFunc reports whether the caller is one of b's workers, running a Func.
 func (b *Balancer[Req, Res]) inFunc() bool {
-	id := goid()
-	for _, w := range b.roster.Load().workers {
-		for i := range w.runners {
-			if w.runners[i].goroutine.Load() == id {
-				return true
-			}
-		}
-	}
-	return false
+	_, ok := b.slots.Load(goid())
+	return ok
 }

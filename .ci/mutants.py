@@ -30,7 +30,7 @@ muts = {
  "concurrency not checked": ("balancer.go", "\tcase o.concurrency < 1 || o.concurrency > MaxConcurrency:", "\tcase false:"),
  "AddWorker ignores New's worker options": ("balancer.go", "o := b.defaults.with(opts)", "o := defaultOptions().worker.with(opts)"),
  "RemoveWorker from a Func waits for itself": ("balancer.go", "if err != nil || b.inFunc() {", "if err != nil {"),
- "inFunc looks at the first slot only": ("worker.go", "\t\tfor i := range w.runners {", "\t\tfor i := range 1 {"),
+ "a slot goroutine is not known as one": ("worker.go", "\tw.b.slots.Store(id, struct{}{}) // so that Close", "\t_ = id // so that Close"),
  "TrySubmit drops the request's ctx": ("balancer.go", "r := request[Req, Res]{ctx: ctx, req: req, reply: reply, eager: true}", "r := request[Req, Res]{ctx: context.Background(), req: req, reply: reply, eager: true}"),
  "TrySubmit accepts a done ctx": ("balancer.go", "\tif err := ctx.Err(); err != nil {\n\t\treturn nil, err\n\t}\n\treply := make(chan Result[Req, Res], 1)", "\treply := make(chan Result[Req, Res], 1)"),
  "Shutdown cancels without a cause": ("balancer.go", "\t\tb.abort(ErrClosed)\n\t\tb.command(", "\t\tb.abort(nil)\n\t\tb.command("),
