@@ -475,8 +475,8 @@ func (w weightOption) applyWorker(o *workerOptions) { o.weight = float64(w) }
 func WithWeight(w float64) WorkerOption { return weightOption(w) }
 
 // A Balancer sends each request to the worker where it is expected to
-// finish first. Create one with New or NewFrom; the zero value is not
-// usable.
+// finish first. Create one with New or NewFrom: every method of a nil or
+// zero Balancer panics with a message that says so.
 //
 // The model: a worker runs up to its concurrency c requests at once
 // (WithConcurrency, default 1) and holds at most c × depth pending, running
@@ -753,6 +753,7 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 // ErrClosed after Close or Shutdown began, and ErrInvalidArgument for a nil
 // ctx.
 func (b *Balancer[Req, Res]) Do(ctx context.Context, req Req) (Res, error) {
+	b.made()
 	var zero Res
 	if err := b.check(ctx); err != nil {
 		return zero, err
@@ -876,6 +877,7 @@ func (b *Balancer[Req, Res]) refuseQueued() {
 // before a worker starts the request, the request is not run and its
 // Result carries ctx.Err().
 func (b *Balancer[Req, Res]) Submit(ctx context.Context, req Req) (<-chan Result[Req, Res], error) {
+	b.made()
 	reply := make(chan Result[Req, Res], 1)
 	if err := b.submit(request[Req, Res]{ctx: ctx, req: req, reply: reply}); err != nil {
 		return nil, err
@@ -892,6 +894,7 @@ func (b *Balancer[Req, Res]) Submit(ctx context.Context, req Req) (<-chan Result
 // began, and ErrInvalidArgument for a nil ctx. It waits only for the loop
 // to answer, never for capacity or for a request to finish.
 func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Result[Req, Res], error) {
+	b.made()
 	if ctx == nil {
 		return nil, errNilContext
 	}
@@ -929,6 +932,7 @@ func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Res
 // it with that error, submits no more and yields the outcomes of those in
 // flight. All starts no goroutine.
 func (b *Balancer[Req, Res]) All(ctx context.Context, reqs iter.Seq[Req]) iter.Seq2[int, Result[Req, Res]] {
+	b.made()
 	return func(yield func(int, Result[Req, Res]) bool) {
 		run, cancel := ctx, context.CancelFunc(noop)
 		if ctx != nil {
@@ -993,6 +997,7 @@ func (b *Balancer[Req, Res]) capacity() int {
 // ErrInvalidArgument for a nil fn or a bad option, and ErrClosed after
 // Close or Shutdown began.
 func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res], opts ...WorkerOption) (id int, err error) {
+	b.made()
 	if fn == nil {
 		return 0, fmt.Errorf("%w: nil Func", ErrInvalidArgument)
 	}
@@ -1017,6 +1022,7 @@ func (b *Balancer[Req, Res]) AddWorker(fn Func[Req, Res], opts ...WorkerOption) 
 // as soon as the removal stands, without waiting: the wait could include
 // the caller, or a worker waiting for the caller's.
 func (b *Balancer[Req, Res]) RemoveWorker(ctx context.Context, id int) error {
+	b.made()
 	if ctx == nil {
 		return errNilContext
 	}
@@ -1057,6 +1063,7 @@ func (b *Balancer[Req, Res]) Close() error {
 // Funcs that ignore their ctx; a later Close waits for them. Shutdown
 // returns ErrInvalidArgument for a nil ctx.
 func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
+	b.made()
 	if ctx == nil {
 		return errNilContext
 	}
@@ -1079,6 +1086,18 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	b.wg.Wait()
 	b.abort(ErrClosed) // releases the context's resources; nothing is left to cancel
 	return nil
+}
+
+// errUseNew is the panic of a method called on a nil or zero Balancer.
+const errUseNew = "balancer: use New or NewFrom to make a Balancer (this one is nil or the zero value)"
+
+// made panics with errUseNew unless b was made by New or NewFrom: a nil
+// or zero Balancer has no loop, so without it every method would hang or
+// fail deep inside.
+func (b *Balancer[Req, Res]) made() {
+	if b == nil || b.quit == nil {
+		panic(errUseNew)
+	}
 }
 
 // check returns the error a request with ctx gets before it is offered

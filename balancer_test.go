@@ -4866,3 +4866,24 @@ func TestRosterCompacts(t *testing.T) {
 		assert.Len(t, b.Stats().Workers, 4)
 	})
 }
+
+// A nil or zero Balancer fails at once, from every method, with one
+// message that names the mistake.
+func TestNilAndZeroBalancerSayUseNew(t *testing.T) {
+	ctx := context.Background()
+	for name, b := range map[string]*Balancer[int, int]{"nil": nil, "zero": {}} {
+		for method, call := range map[string]func(){
+			"Do":           func() { b.Do(ctx, 1) },
+			"Submit":       func() { b.Submit(ctx, 1) },
+			"TrySubmit":    func() { b.TrySubmit(ctx, 1) },
+			"All":          func() { b.All(ctx, slices.Values([]int{1})) },
+			"AddWorker":    func() { b.AddWorker(square) },
+			"RemoveWorker": func() { b.RemoveWorker(ctx, 0) },
+			"Close":        func() { b.Close() },
+			"Shutdown":     func() { b.Shutdown(ctx) },
+			"Stats":        func() { b.Stats() },
+		} {
+			assert.PanicsWithValue(t, errUseNew, call, "%s Balancer, %s", name, method)
+		}
+	}
+}

@@ -439,6 +439,7 @@ type WorkerStats struct {
 // after Close it returns the final figures. Its cost is linear in the number
 // of workers.
 func (b *Balancer[Req, Res]) Stats() Stats {
+	b.made()
 	r := b.roster.Load()
 	s := Stats{
 		Workers:   make([]WorkerStats, 0, len(r.workers)-r.dead),
