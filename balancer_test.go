@@ -4887,3 +4887,30 @@ func TestNilAndZeroBalancerSayUseNew(t *testing.T) {
 		}
 	}
 }
+
+// Among workers whose costs are equal, one that fails more loses the
+// ties: its penalty weighs its pending count. Light load (each request
+// done before the next) then goes to the healthy worker, where without
+// the penalty the two would take turns.
+func TestFailuresWeighTies(t *testing.T) {
+	h := newHeapHarness(4, true)
+	h.fixRef(time.Millisecond)
+	bad, ok := h.add(1), h.add(1) // bad first: it would win the first tie
+	for _, w := range []*worker[int, int]{ok, bad} {
+		w.observe(time.Millisecond, 0)
+	}
+	bad.health.Store(uint64(rateOne / 5)) // 0.2: ×1.25, within the centre step
+	h.s.now = 0
+	h.s.touch(ok)
+	h.s.touch(bad)
+	require.Equal(t, h.s.cost(ok), h.s.cost(bad), "equal costs")
+	var got []int
+	for range 4 {
+		w := h.p.root()
+		got = append(got, w.id)
+		require.True(t, h.dispatch(t))
+		h.complete(w, time.Millisecond)
+	}
+	assert.Equal(t, []int{ok.id, ok.id, ok.id, ok.id}, got)
+	assert.InDelta(t, 1.25, h.s.perSlot(bad), 1e-3)
+}

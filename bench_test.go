@@ -886,6 +886,9 @@ func faultScenarios() []scenario {
 	half := even
 	half.failP = 0.5
 	add("1 of 8 fails half its requests", half)
+	third := even
+	third.failP = 0.3
+	add("1 of 8 fails 30 % of its requests", third)
 	rare := even
 	rare.failing, rare.failP = 8, 0.01
 	add("every worker fails 1 % at random", rare)

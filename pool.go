@@ -235,9 +235,6 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 		return math.Inf(1)
 	}
 	if !s.estimate {
-		if w.health.Load() != 0 {
-			return s.perSlot(w) * s.penalty(w)
-		}
 		return s.perSlot(w)
 	}
 	t := s.expect(w)
@@ -509,14 +506,21 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 func (s *sched[Req, Res]) touch(w *worker[Req, Res]) { s.pool.touch(w, s.cost(w), s.perSlot(w)) }
 
 // perSlot is the count rule's cost for w: pending per slot, divided by
-// weight, counting one more request. With the load estimate the weight
-// stands for a speed not yet measured, so it counts only until the first
-// run.
+// weight, counting one more request, times w's failure penalty. With the
+// load estimate the weight stands for a speed not yet measured, so it
+// counts only until the first run; the penalty counts there too, so that
+// among workers whose costs are equal (a failure rate under a third keeps
+// a worker on its step of the scale, see key) one that fails more gets
+// fewer requests.
 func (s *sched[Req, Res]) perSlot(w *worker[Req, Res]) float64 {
+	n := float64(w.pending+1) * w.unit
 	if s.estimate && w.service.Load() != 0 {
-		return float64(w.pending+1) / float64(w.concurrency)
+		n = float64(w.pending+1) / float64(w.concurrency)
 	}
-	return float64(w.pending+1) * w.unit
+	if w.health.Load() != 0 {
+		n *= s.penalty(w)
+	}
+	return n
 }
 
 // refresh recomputes every cost and re-sorts, after many changed at once.

@@ -112,7 +112,7 @@ muts = {
  "a panic is no failure": ("worker.go", "\t\tclass = Failure\n\t\tif v := recover(); v != nil {", "\t\tclass = Success\n\t\tif v := recover(); v != nil {"),
  "a failure folds its own time": ("pool.go", "w.observe(max(d, time.Duration(floor)), end)", "w.observe(d, end)"),
  "no failure penalty": ("pool.go", "t *= s.penalty(w) // before key rounds it", "t *= 1 // before key rounds it"),
- "no failure penalty in the count mode": ("pool.go", "return s.perSlot(w) * s.penalty(w)", "return s.perSlot(w)"),
+ "no failure penalty in the count rule": ("pool.go", "\tif w.health.Load() != 0 {\n\t\tn *= s.penalty(w)\n\t}", ""),
  "the penalty after key rounds": ("pool.go", "\tif w.health.Load() != 0 {\n\t\tt *= s.penalty(w) // before key rounds it: a few failures are noise too\n\t}\n\tw.lastKey = s.key(w, t)", "\tw.lastKey = s.key(w, t)\n\tif w.health.Load() != 0 {\n\t\tw.lastKey *= s.penalty(w)\n\t}"),
  "the hold-back ignores failures": ("pool.go", "\tif w.health.Load() != 0 {\n\t\tt *= s.penalty(w)\n\t}\n\tn := max(", "\tn := max("),
  "the failure rate never decays with time": ("pool.go", "\t\te *= math.Exp(-float64(dt) / float64(decay))\n", ""),
