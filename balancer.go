@@ -1565,10 +1565,18 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	if b.attempts > 1 {
 		b.budget.deposit(b.sched.now)
 	}
-	b.send(w, r)
+	if w.pending > w.concurrency && r.at == 0 { // as send does
+		r.at = b.now() // it waits in w's queue for a slot
+	}
+	w.assigned.Add(1)
+	if b.hooks != nil && b.hooks.send != nil {
+		b.hooks.send()
+	}
+	w.reqs <- r // cannot block: pending was below limit = cap(w.reqs)
 }
 
-// send hands r to w, which the scheduler has counted it at.
+// send hands r, a retry, to w, which the scheduler has counted it at, as
+// dispatch does (written out there, where a call costs).
 func (b *Balancer[Req, Res]) send(w *worker[Req, Res], r request[Req, Res]) {
 	if w.pending > w.concurrency && r.at == 0 {
 		r.at = b.now() // it waits in w's queue for a slot

@@ -234,6 +234,10 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 	if w.pending >= w.limit {
 		return math.Inf(1)
 	}
+	w.mult = 1
+	if w.health.Load() != 0 {
+		w.mult = s.penalty(w)
+	}
 	if !s.estimate {
 		return s.perSlot(w)
 	}
@@ -241,9 +245,7 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 	if now != 0 && t > 0 { // with no estimate at all, the count rule stands
 		t = max(t, float64(w.oldest(now)))
 	}
-	if w.health.Load() != 0 {
-		t *= s.penalty(w) // before key rounds it: a few failures are noise too
-	}
+	t *= w.mult // before key rounds it: a few failures are noise too
 	w.lastKey = s.key(w, t)
 	return float64(w.pending+w.concurrency) * w.lastKey / float64(w.concurrency)
 }
@@ -506,21 +508,18 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 func (s *sched[Req, Res]) touch(w *worker[Req, Res]) { s.pool.touch(w, s.cost(w), s.perSlot(w)) }
 
 // perSlot is the count rule's cost for w: pending per slot, divided by
-// weight, counting one more request, times w's failure penalty. With the
+// weight, counting one more request, times w's failure penalty as of its
+// cost's last computation (mult). With the
 // load estimate the weight stands for a speed not yet measured, so it
 // counts only until the first run; the penalty counts there too, so that
 // among workers whose costs are equal (a failure rate under a third keeps
 // a worker on its step of the scale, see key) one that fails more gets
 // fewer requests.
 func (s *sched[Req, Res]) perSlot(w *worker[Req, Res]) float64 {
-	n := float64(w.pending+1) * w.unit
 	if s.estimate && w.service.Load() != 0 {
-		n = float64(w.pending+1) / float64(w.concurrency)
+		return float64(w.pending+1) / float64(w.concurrency) * w.mult
 	}
-	if w.health.Load() != 0 {
-		n *= s.penalty(w)
-	}
-	return n
+	return float64(w.pending+1) * w.unit * w.mult
 }
 
 // refresh recomputes every cost and re-sorts, after many changed at once.

@@ -93,6 +93,7 @@ type worker[Req, Res any] struct {
 	// keyHi), with the common ground at keyRef.
 	keyRef, keyLo, keyHi, key float64
 	lastKey                   float64 // the step its last cost was computed with (see dispatch)
+	mult                      float64 // its failure penalty when its cost was last computed (see costAt)
 	patience                  int64   // staleAfter ÷ √concurrency: an estimate this old expires (see stale)
 	impatience                int     // patience doubled this many times
 	lapsed                    bool    // its estimate had expired when its cost was last computed (see expect)
@@ -153,6 +154,7 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o
 		exited:      make(chan struct{}),
 		retired:     make(chan struct{}),
 		unit:        1 / (float64(o.concurrency) * o.weight),
+		mult:        1,
 		patience:    int64(float64(staleAfter) / math.Sqrt(float64(o.concurrency))),
 		runners:     make([]runner, o.concurrency),
 	}
@@ -237,7 +239,10 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 	w.runners[i].since.Store(start)
 	res.Value, res.Err = w.fn(ctx, r.req)
 	end := w.b.now()
-	class = w.b.classOf(r.ctx, res.Value, res.Err)
+	class = Success
+	if res.Err != nil || w.b.classify != nil { // the common case without a call
+		class = w.b.classOf(r.ctx, res.Value, res.Err)
+	}
 	switch class {
 	case Success:
 		w.observe(time.Duration(end-start), end)
@@ -275,7 +280,9 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	if res.Err != nil {
 		w.failed.Add(1)
 	}
-	w.account(r.probe, c)
+	if c != Success || r.probe || w.streak.Load() != 0 || w.health.Load() != 0 { // a healthy worker's success changes nothing
+		w.account(r.probe, c)
+	}
 	w.completed.Add(1)
 	w.running.Add(-1)
 	// The slot is reported before the result is delivered, so a caller
