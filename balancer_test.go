@@ -4914,3 +4914,42 @@ func TestFailuresWeighTies(t *testing.T) {
 	assert.Equal(t, []int{ok.id, ok.id, ok.id, ok.id}, got)
 	assert.InDelta(t, 1.25, h.s.perSlot(bad), 1e-3)
 }
+
+// A worker ejected with requests queued behind its failures serves them
+// while ejected; their successes can clear its failure rate and streak.
+// Its probe must still be recorded: the worker comes back.
+func TestProbeAfterTheRateWasCleared(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var fail atomic.Bool
+		fail.Store(true)
+		b, err := NewFrom([]WorkerSpec[int, int]{
+			{Func: func(ctx context.Context, i int) (int, error) {
+				if i <= ejectAfter && fail.Load() {
+					return 0, errDown
+				}
+				time.Sleep(time.Millisecond)
+				return i, nil
+			}, Options: []WorkerOption{WithWeight(100)}}, // first for every request
+			{Func: square}, // a second worker, so that one may be ejected
+		}, WithLoadEstimate(false), WithQueueDepth(64), exactJitter)
+		require.NoError(t, err)
+		defer b.Close()
+		var cs []<-chan Result[int, int]
+		for i := range 45 { // 1 to 5 fail at once, 6 to 45 queue behind them
+			cs = append(cs, mustSubmit(t, b, i+1))
+		}
+		for _, c := range cs {
+			<-c
+		}
+		fail.Store(false)
+		s := b.Stats()
+		require.True(t, s.Workers[0].Ejected, "ejected at its fifth failure")
+		require.Zero(t, s.Workers[0].Streak)
+		require.Zero(t, s.Workers[0].FailureRate, "40 successes cleared it")
+		time.Sleep(time.Until(s.Workers[0].EjectedUntil))
+		res := <-mustSubmit(t, b, 1)
+		assert.Equal(t, 0, res.Worker, "the probe")
+		<-mustSubmit(t, b, 2)
+		assert.False(t, b.Stats().Workers[0].Ejected, "the probe's success was recorded")
+	})
+}
