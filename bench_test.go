@@ -226,6 +226,52 @@ func BenchmarkDo(b *testing.B) {
 	}
 }
 
+// BenchmarkDoContexts is Do on 8 workers from one caller with request
+// contexts as servers have them: values only, cancellable, with a
+// deadline. Its allocs/op is what a real request context costs.
+func BenchmarkDoContexts(b *testing.B) {
+	type key struct{}
+	for _, c := range []struct {
+		name string
+		ctx  func() (context.Context, context.CancelFunc)
+	}{
+		{"Background", func() (context.Context, context.CancelFunc) { return context.Background(), func() {} }},
+		{"WithValue", func() (context.Context, context.CancelFunc) {
+			return context.WithValue(context.Background(), key{}, 1), func() {}
+		}},
+		{"WithCancel", func() (context.Context, context.CancelFunc) { return context.WithCancel(context.Background()) }},
+		{"WithTimeout", func() (context.Context, context.CancelFunc) {
+			return context.WithTimeout(context.Background(), time.Hour)
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			d := newTrivial(b)
+			defer d.Close()
+			ctx, cancel := c.ctx()
+			defer cancel()
+			b.ReportAllocs()
+			for range b.N {
+				if _, err := d.Do(ctx, 1); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkThroughput is the loop's ceiling: 64 callers, 64 workers, a
+// trivial Func; it reports requests per second. Run it with -cpu 1,2.
+func BenchmarkThroughput(b *testing.B) {
+	d, err := balancer.New(64, trivial)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer d.Close()
+	start := time.Now()
+	benchCallers(b, d, 64)
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "requests/s")
+}
+
 // benchCallers runs b.N requests through d from callers goroutines.
 func benchCallers(b *testing.B, d dispatcher, callers int) {
 	b.ReportAllocs()
@@ -1255,8 +1301,10 @@ func TestFleetQuality(t *testing.T) {
 
 // BenchmarkNew starts and closes a balancer of n workers; with n =
 // 100 000 it is the cost of a worker per connection or shard at scale.
+// The last row is one worker of concurrency 65 536, whose bytes/op is what
+// a declared concurrency costs before any request.
 func BenchmarkNew(b *testing.B) {
-	for _, n := range []int{1000, 100_000} {
+	for _, n := range []int{1000, 10_000, 100_000} {
 		b.Run(fmt.Sprintf("workers=%d", n), func(b *testing.B) {
 			for range b.N {
 				d, err := balancer.New(n, trivial)
@@ -1267,11 +1315,21 @@ func BenchmarkNew(b *testing.B) {
 			}
 		})
 	}
+	b.Run("workers=1,concurrency=65536", func(b *testing.B) {
+		b.ReportAllocs()
+		for range b.N {
+			d, err := balancer.New(1, trivial, balancer.WithConcurrency(balancer.MaxConcurrency))
+			if err != nil {
+				b.Fatal(err)
+			}
+			d.Close()
+		}
+	})
 }
 
-// BenchmarkAddRemoveWorker adds a worker to a balancer of 100 000 and
-// removes it; one op is one pair.
-func BenchmarkAddRemoveWorker(b *testing.B) {
+// BenchmarkAddRemove adds a worker to a balancer of 100 000 and removes
+// it; one op is one pair.
+func BenchmarkAddRemove(b *testing.B) {
 	d, err := balancer.New(100_000, trivial)
 	if err != nil {
 		b.Fatal(err)
