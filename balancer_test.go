@@ -4859,6 +4859,7 @@ func TestRosterCompacts(t *testing.T) {
 			assert.Equal(t, uint64(10), s.Completed, "every outcome counted once")
 			r := b.roster.Load()
 			assert.LessOrEqual(t, r.dead, len(r.workers)/2, "compacted once half are retired")
+			assert.Equal(t, len(want), len(r.workers)-r.dead, "the marked are the retired")
 		}
 		id, err := b.AddWorker(square)
 		require.NoError(t, err)
