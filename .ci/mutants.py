@@ -147,7 +147,7 @@ muts = {
  "retries sent from takeCompletions": ("balancer.go", "\t\tb.again = append(b.again, a)\n\t\ta = next\n\t}\n}", "\t\tb.again = append(b.again, a)\n\t\ta = next\n\t}\n\tb.retryWaiting()\n}"),
  "the loop parks deaf to retries": ("balancer.go", "b.lone >= loneRounds && b.attempts == 1 {", "b.lone >= loneRounds {"),
  "a retry's attempt is not counted": ("worker.go", "\t\tres.Attempts = len(r.again.tried)\n", ""),
- "a retired worker stays in Stats": ("worker.go", "\treturn at == 0 || at > r.gen", "\treturn true"),
+ "a retired worker stays in Stats": ("worker.go", "\treturn at == 0 || at > r.gen", "\treturn at == at"),
  "compaction keeps the retired": ("balancer.go", "\t\t\tif next.holds(v) {", "\t\t\tif true {"),
  "a retire is never compacted": ("balancer.go", "\tif next.dead > len(next.workers)/2 {", "\tif false {"),
  "a nil Balancer is not caught": ("balancer.go", "\tif b == nil || b.quit == nil {\n\t\tpanic(errUseNew)", "\tif false {\n\t\tpanic(errUseNew)"),
