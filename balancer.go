@@ -1283,7 +1283,7 @@ func (b *Balancer[Req, Res]) loop() {
 	}
 	for _, w := range b.workers { // every worker but those removed, whose channels are closed
 		if !w.removed {
-			close(w.reqs)
+			w.close()
 		}
 	}
 }
@@ -1573,6 +1573,10 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 		b.hooks.send()
 	}
 	w.reqs <- r // cannot block: pending was below limit = cap(w.reqs)
+	// grow's test, without its call
+	if w.pending > w.started && w.started < w.concurrency {
+		w.grow()
+	}
 }
 
 // send hands r, a retry, to w, which the scheduler has counted it at, as
@@ -1585,7 +1589,10 @@ func (b *Balancer[Req, Res]) send(w *worker[Req, Res], r request[Req, Res]) {
 	if b.hooks != nil && b.hooks.send != nil {
 		b.hooks.send()
 	}
-	w.reqs <- r // cannot block: pending was below limit = cap(w.reqs)
+	w.reqs <- r                                             // cannot block, as in dispatch
+	if w.pending > w.started && w.started < w.concurrency { // as dispatch does
+		w.grow()
+	}
 }
 
 // complete records that w finished a request.
@@ -1625,7 +1632,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	b.sched.remove(w)
 	w.removed = true
 	w.gone.Store(true)
-	close(w.reqs) // the loop is its only sender and will not send again; queued requests still drain
+	w.close() // the loop is its only sender and will not send again; queued requests still drain
 	b.draining++
 	if w.pending == 0 {
 		b.retire(w)
@@ -1644,7 +1651,6 @@ func (b *Balancer[Req, Res]) addWorker(fn Func[Req, Res], o workerOptions) int {
 	next := *r
 	next.workers = append(r.workers, w) // past every published length: see roster
 	b.roster.Store(&next)
-	w.start()
 	return w.id
 }
 

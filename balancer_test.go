@@ -4923,12 +4923,18 @@ func TestProbeAfterTheRateWasCleared(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var fail atomic.Bool
 		fail.Store(true)
+		first, rest := make(chan struct{}), make(chan struct{})
 		b, err := NewFrom([]WorkerSpec[int, int]{
 			{Func: func(ctx context.Context, i int) (int, error) {
+				switch {
+				case i == 1:
+					<-first
+				case i == ejectAfter+1:
+					<-rest
+				}
 				if i <= ejectAfter && fail.Load() {
 					return 0, errDown
 				}
-				time.Sleep(time.Millisecond)
 				return i, nil
 			}, Options: []WorkerOption{WithWeight(100)}}, // first for every request
 			{Func: square}, // a second worker, so that one may be ejected
@@ -4936,15 +4942,23 @@ func TestProbeAfterTheRateWasCleared(t *testing.T) {
 		require.NoError(t, err)
 		defer b.Close()
 		var cs []<-chan Result[int, int]
-		for i := range 45 { // 1 to 5 fail at once, 6 to 45 queue behind them
+		for i := range 45 { // all queue at worker 0 behind request 1
 			cs = append(cs, mustSubmit(t, b, i+1))
 		}
+		synctest.Wait()
+		close(first) // 1 to 5 fail; 6 waits
+		synctest.Wait()
+		c, err := b.TrySubmit(context.Background(), 99) // the loop takes the failures, then this
+		require.NoError(t, err)
+		assert.Equal(t, 1, (<-c).Worker)
+		require.True(t, b.Stats().Workers[0].Ejected, "ejected at its fifth failure")
+		close(rest) // 6 to 45 succeed while it is ejected
 		for _, c := range cs {
 			<-c
 		}
 		fail.Store(false)
 		s := b.Stats()
-		require.True(t, s.Workers[0].Ejected, "ejected at its fifth failure")
+		require.True(t, s.Workers[0].Ejected)
 		require.Zero(t, s.Workers[0].Streak)
 		require.Zero(t, s.Workers[0].FailureRate, "40 successes cleared it")
 		time.Sleep(time.Until(s.Workers[0].EjectedUntil))
@@ -4952,5 +4966,70 @@ func TestProbeAfterTheRateWasCleared(t *testing.T) {
 		assert.Equal(t, 0, res.Worker, "the probe")
 		<-mustSubmit(t, b, 2)
 		assert.False(t, b.Stats().Workers[0].Ejected, "the probe's success was recorded")
+	})
+}
+
+// slotGoroutines counts the goroutines serving as b's slots.
+func slotGoroutines(b *Balancer[int, int]) int {
+	n := 0
+	b.slots.Range(func(any, any) bool { n++; return true })
+	return n
+}
+
+// Slot goroutines start when the load needs them, and stay: never more
+// than the most requests a worker had pending, never more than its
+// concurrency.
+func TestSlotsStartWhenNeeded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+			if i > 0 {
+				<-release
+			}
+			return i, nil
+		}, WithConcurrency(MaxConcurrency))
+		synctest.Wait()
+		assert.Zero(t, slotGoroutines(b), "a declared concurrency costs nothing before requests")
+		var cs []<-chan Result[int, int]
+		for i := range 3 {
+			cs = append(cs, mustSubmit(t, b, i+1))
+		}
+		synctest.Wait()
+		assert.Equal(t, 3, slotGoroutines(b), "one per request running")
+		close(release)
+		for _, c := range cs {
+			require.NoError(t, (<-c).Err)
+		}
+		for range 20 {
+			_, err := b.Do(context.Background(), 0)
+			require.NoError(t, err)
+		}
+		assert.Equal(t, 3, slotGoroutines(b), "kept, and enough for one at a time")
+		require.NoError(t, b.Close())
+		assert.Zero(t, slotGoroutines(b))
+
+		// At most the concurrency, however deep the queue.
+		g := newGates(8)
+		c := mustNew(t, 1, g.fn, WithConcurrency(2), WithQueueDepth(4))
+		for i := range 8 {
+			cs[i%3] = mustSubmit(t, c, i)
+		}
+		synctest.Wait()
+		assert.Equal(t, 2, slotGoroutines(c))
+		g.openAll()
+		require.NoError(t, c.Close())
+	})
+}
+
+// A worker that never had a request has no goroutine: removing it, and
+// closing, still wait for nothing and leave nothing.
+func TestWorkerWithoutGoroutines(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		b := mustNew(t, 3, square, WithConcurrency(4))
+		require.NoError(t, b.RemoveWorker(context.Background(), 1))
+		_, err := b.Do(context.Background(), 2)
+		require.NoError(t, err)
+		require.NoError(t, b.Close())
+		assert.Zero(t, slotGoroutines(b))
 	})
 }

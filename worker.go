@@ -74,8 +74,10 @@ type worker[Req, Res any] struct {
 	// pending and Stats counts it in the totals.
 	retired chan struct{}
 	// live counts the slots' goroutines that have not ended; the last to
-	// end closes exited.
-	live atomic.Int64
+	// end closes exited. started counts the goroutines the loop started
+	// (see grow); the loop owns it.
+	live    atomic.Int64
+	started int
 	// untaken counts the completions the loop has not taken; next links
 	// w in b.finished while it is there, written by the slot that pushes
 	// it (see report).
@@ -160,12 +162,27 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o
 	}
 }
 
-// start starts the worker's slots. The loop, or New before it, calls it.
-func (w *worker[Req, Res]) start() {
-	w.live.Store(int64(w.concurrency))
-	w.b.wg.Add(w.concurrency)
-	for i := range w.concurrency {
-		go w.run(i)
+// grow starts one more slot goroutine for w, which the loop has just
+// given a request, when w has more requests pending than goroutines to
+// serve them and fewer goroutines than its concurrency: the loop tests
+// that before the call, which the hot path cannot afford. So a worker has
+// no more goroutines than the most requests it ever had pending, as the
+// loop counts them, and keeps those it started: a declared concurrency
+// costs goroutines only when the load uses it.
+func (w *worker[Req, Res]) grow() {
+	w.live.Add(1)
+	w.b.wg.Add(1)
+	go w.run(w.started)
+	w.started++
+}
+
+// close closes w's queue, which the loop alone sends to; the goroutines
+// drain it and end, and the last closes exited, or close does if w never
+// started one. The loop calls it.
+func (w *worker[Req, Res]) close() {
+	close(w.reqs)
+	if w.started == 0 {
+		close(w.exited)
 	}
 }
 
