@@ -1997,7 +1997,6 @@ func checkOut(t *testing.T, h *heapHarness) {
 	for _, w := range h.s.out {
 		require.True(t, w.ejected)
 		require.True(t, w.pending >= 0 && w.pending <= w.limit, "pending %d", w.pending)
-		require.True(t, w.trial || w.pending < w.limit, "ejected worker %d is full without a probe", w.id)
 		for _, s := range h.p.slots {
 			require.NotSame(t, w, s.w, "ejected worker %d is in the heap", w.id)
 		}
@@ -2034,6 +2033,9 @@ func (h *heapHarness) remove(t *testing.T, i int) {
 
 // dispatch gives one request to the root, as the loop does when it has room.
 func (h *heapHarness) dispatch(t *testing.T) bool {
+	if len(h.s.doomed) > 0 { // as hasRoom does
+		h.s.settle()
+	}
 	if h.p.Len() == 0 {
 		return false
 	}
@@ -3561,9 +3563,7 @@ func FuzzPool(f *testing.F) {
 				h.now += int64(arg) * int64(50*time.Millisecond)
 				switch {
 				case arg%2 == 0 && h.p.Len() > 0 && h.s.ejectable():
-					if w := h.p.slots[arg%h.p.Len()].w; w.pending < w.limit { // as the loop, at a completion
-						h.s.ejectWorker(w)
-					}
+					h.s.ejectWorker(h.p.slots[arg%h.p.Len()].w) // full or not: the loop ejects at its next look
 				case arg%2 == 1 && len(h.s.out) > 0:
 					h.s.remove(h.s.out[arg%len(h.s.out)])
 				}
@@ -4220,7 +4220,7 @@ func TestEjectionAndProbe(t *testing.T) {
 		require.ErrorIs(t, (<-mustSubmit(t, b, 0)).Err, errDown)
 		held := mustSubmit(t, b, 1)
 		synctest.Wait()
-		assert.Equal(t, ejectAfter-1, failTo(t, b), "ejected at its fifth failure in a row")
+		assert.Equal(t, 4, failTo(t, b), "ejected at its fifth failure in a row (the first failed above)")
 		s := b.Stats()
 		assert.Equal(t, at(time.Second), s.Workers[0].EjectedUntil)
 		assert.Equal(t, uint64(1), s.Ejections)
@@ -5032,4 +5032,25 @@ func TestWorkerWithoutGoroutines(t *testing.T) {
 		require.NoError(t, b.Close())
 		assert.Zero(t, slotGoroutines(b))
 	})
+}
+
+// A worker can be full when it is ejected (it took a request between its
+// fifth failure and the loop's next look): its probe waits until it has
+// room, and goes as soon as it has.
+func TestProbeWaitsForRoom(t *testing.T) {
+	h := newHeapHarness(1, false)
+	full, other := h.add(1), h.add(1)
+	_ = other
+	require.True(t, h.dispatch(t)) // to full, which has waited longest
+	require.Equal(t, 1, full.pending)
+	h.s.ejectWorker(full)
+	h.now += 2 * ejectBase // the ejection is over
+	w, probe := h.s.dispatch()
+	assert.False(t, probe, "no probe for a full worker")
+	assert.Same(t, other, w)
+	h.s.complete(other)
+	h.s.complete(full) // an old request: now it has room
+	w, probe = h.s.dispatch()
+	assert.True(t, probe)
+	assert.Same(t, full, w)
 }

@@ -28,6 +28,7 @@ type sched[Req, Res any] struct {
 	// Ejections (see eject). The counters are written by the loop, read
 	// by Stats.
 	out                              []*worker[Req, Res] // the ejected workers, out of the heap
+	doomed                           []*worker[Req, Res] // to be ejected at the next look (see settle)
 	due                              int64               // the earliest until in out of a worker that may take its probe; 0 if none
 	jitter                           func() float64      // uniform in [0, 1): rand.Float64, or a test's
 	ejections, probes, probeFailures atomic.Uint64
@@ -435,6 +436,9 @@ func (s *sched[Req, Res]) remove(w *worker[Req, Res]) {
 // root is enough: a full worker costs +Inf, so it is the root only if
 // every worker is full.
 func (s *sched[Req, Res]) hasRoom() bool {
+	if len(s.doomed) > 0 {
+		s.settle()
+	}
 	s.freshen()
 	return s.pool.Len() > 0 && s.pool.root().pending < s.pool.root().limit
 }
@@ -491,9 +495,11 @@ func (s *sched[Req, Res]) complete(w *worker[Req, Res]) {
 	case w.ejected:
 		s.completeOut(w)
 	case w.removed:
-	case s.eject && w.streak.Load() >= ejectAfter && s.ejectable():
-		s.ejectWorker(w)
 	default:
+		if s.eject && !w.doomed && w.streak.Load() >= ejectAfter {
+			w.doomed = true // ejected at the loop's next look (see settle)
+			s.doomed = append(s.doomed, w)
+		}
 		s.touch(w)
 	}
 	if !s.estimate {
@@ -897,6 +903,22 @@ func (s *sched[Req, Res]) maxOut() int {
 // ejectable reports whether one more worker may be ejected.
 func (s *sched[Req, Res]) ejectable() bool { return len(s.out) < s.maxOut() }
 
+// settle ejects the workers whose failures called for it since the
+// loop's last look, as far as the cap allows. It runs when the loop
+// looks for room (see hasRoom), never between that look and the dispatch
+// it allows: the completions taken there may make a worker doomed, and
+// ejecting it then could take away the room the dispatch was promised.
+func (s *sched[Req, Res]) settle() {
+	for _, w := range s.doomed {
+		w.doomed = false
+		if !w.removed && !w.ejected && w.streak.Load() >= ejectAfter && s.ejectable() {
+			s.ejectWorker(w)
+		}
+	}
+	clear(s.doomed)
+	s.doomed = s.doomed[:0]
+}
+
 // ejectWorker takes w, which is in the heap, out of it: it gets no
 // requests until its probe.
 func (s *sched[Req, Res]) ejectWorker(w *worker[Req, Res]) {
@@ -925,13 +947,13 @@ func (s *sched[Req, Res]) banish(w *worker[Req, Res], now int64) {
 }
 
 // setDue finds the next probe due: the earliest end of an ejection whose
-// worker has no probe out. An ejected worker always has room for its
-// probe: it was ejected at a completion, which left a slot free, and it
-// gets no request but its probe.
+// worker has room for its probe and none out. (A worker is ejected at the
+// loop's next look after its failure, and may have taken a request in
+// between, so it can be full.)
 func (s *sched[Req, Res]) setDue() {
 	s.due = 0
 	for _, w := range s.out {
-		if !w.trial && (s.due == 0 || w.until < s.due) {
+		if !w.trial && w.pending < w.limit && (s.due == 0 || w.until < s.due) {
 			s.due = w.until
 		}
 	}
@@ -945,7 +967,7 @@ func (s *sched[Req, Res]) probeDue() *worker[Req, Res] {
 		return nil
 	}
 	for _, w := range s.out {
-		if !w.trial && w.until <= now {
+		if !w.trial && w.pending < w.limit && w.until <= now {
 			w.trial = true
 			w.pending++
 			w.probeClass.Store(0)
@@ -963,6 +985,9 @@ func (s *sched[Req, Res]) probeDue() *worker[Req, Res] {
 // its probe, if that was it.
 func (s *sched[Req, Res]) completeOut(w *worker[Req, Res]) {
 	if !w.trial {
+		if s.due == 0 || w.until < s.due {
+			s.setDue() // it may have room for its probe now
+		}
 		return
 	}
 	c := w.probeClass.Load()

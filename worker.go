@@ -106,6 +106,7 @@ type worker[Req, Res any] struct {
 	// given one probe (trial); inRow counts its ejections in a row, back
 	// is when it last returned.
 	ejected, trial bool
+	doomed         bool // in sched.doomed
 	until, back    int64
 	inRow          int
 

@@ -107,8 +107,8 @@ muts = {
  "a dispatch keeps the cost it had": ("pool.go", "cost = float64(w.pending+w.concurrency) * w.lastKey / float64(w.concurrency)", "cost = kept"),
  "a probe is not marked": ("pool.go", "kept, probe := s.pool.slots[0].cost, w.lapsed && !w.probing", "kept, probe := s.pool.slots[0].cost, false"),
  "ref follows only the clock at first": ("pool.go", "\t\tif s.reckonAt = 2 * max(s.completed, 1); s.reckonAt > 8*int64(s.pool.Len()) {", "\t\tif s.reckonAt = 2 * max(s.completed, 1); true {"),
- "failures never eject": ("pool.go", "case s.eject && w.streak.Load() >= ejectAfter && s.ejectable():", "case false:"),
- "ejected at the fourth failure": ("pool.go", "w.streak.Load() >= ejectAfter &&", "w.streak.Load() >= ejectAfter-1 &&"),
+ "failures never eject": ("pool.go", "if s.eject && !w.doomed && w.streak.Load() >= ejectAfter {", "if false {"),
+ "ejected at the fourth failure": ("pool.go", "\tejectAfter  = 5\n", "\tejectAfter  = 4\n"),
  "a success does not end the streak": ("pool.go", "\t\tif w.streak.Load() != 0 {\n\t\t\tw.streak.Store(0)", "\t\tif false {\n\t\t\tw.streak.Store(0)"),
  "overload lengthens the streak": ("pool.go", "\tcase Overload:\n\t\tw.foldHealth(1)", "\tcase Overload:\n\t\tw.streak.Add(1)\n\t\tw.foldHealth(1)"),
  "a caller giving up fails the worker": ("worker.go", "if err != nil && (ctx.Err() != nil || b.abortCtx.Err() != nil) {", "if false {"),
@@ -155,6 +155,9 @@ muts = {
  "a retire is never compacted": ("balancer.go", "\tif next.dead > len(next.workers)/2 {", "\tif false {"),
  "a nil Balancer is not caught": ("balancer.go", "\tif b == nil || b.quit == nil {\n\t\tpanic(errUseNew)", "\tif false {\n\t\tpanic(errUseNew)"),
  "a zero Balancer is not caught": ("balancer.go", "\tif b == nil || b.quit == nil {\n\t\tpanic(errUseNew)", "\tif b == nil {\n\t\tpanic(errUseNew)"),
+ "a full ejected worker's probe is forgotten": ("pool.go", "\t\t\ts.setDue() // it may have room for its probe now\n", ""),
+ "a probe goes to a full worker": ("pool.go", "\t\tif !w.trial && w.pending < w.limit && w.until <= now {", "\t\tif !w.trial && w.until <= now {"),
+ "ejected at once, between the look for room and the dispatch": ("pool.go", "\t\t\tw.doomed = true // ejected at the loop's next look (see settle)\n\t\t\ts.doomed = append(s.doomed, w)\n\t\t}\n\t\ts.touch(w)", "\t\t\tif s.ejectable() {\n\t\t\t\ts.ejectWorker(w)\n\t\t\t\treturn\n\t\t\t}\n\t\t}\n\t\ts.touch(w)"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
