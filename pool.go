@@ -880,11 +880,12 @@ func (s *sched[Req, Res]) uncountBusy(w *worker[Req, Res]) {
 // that failed together do not all come back at once. Then the next
 // request dispatched is its probe (see probeDue): its outcome returns the
 // worker, ejects it again or, if it says nothing, makes the next request
-// its probe. Every step is the loop's, at a completion or a dispatch; the
-// clock is read only while some worker is ejected. The constants are
-// Linkerd's failure accrual's, with its 60 s cap halved: an in-process
-// pool wants a false ejection to be cheap, and Envoy's and gRPC's 30 s to
-// 300 s are made for fleets of hosts.
+// its probe. Every step is the loop's, at a completion, a look for room
+// (see settle) or a dispatch; the clock is read only while some worker is
+// ejected. Five in a row is Envoy's and Finagle's trip; 1 s doubling with
+// ±50 % jitter is Linkerd's failure accrual, its 60 s cap halved: an
+// in-process pool wants a false ejection to be cheap, and Envoy's and
+// gRPC's 30 s to 300 s are made for fleets of hosts.
 const (
 	ejectAfter  = 5
 	ejectBase   = int64(time.Second)
