@@ -4423,32 +4423,35 @@ func TestEjectionLimits(t *testing.T) {
 		}
 		assert.Equal(t, []int{0, 1, 1, 2, 2, 3, 3, 4, 4}, got)
 	})
-	t.Run("overload never ejects", func(t *testing.T) {
-		synctest.Test(t, func(t *testing.T) {
-			b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) { return 0, Overloaded(errDown) })
-			defer b.Close()
-			for range 20 {
-				_, err := b.Do(context.Background(), 0)
-				require.ErrorIs(t, err, errDown)
-			}
-			s := b.Stats()
-			assert.Zero(t, s.Ejections)
-			assert.Greater(t, s.Workers[0].FailureRate, 0.5)
+	// Two workers failing every request, 20 requests: never ejected.
+	for _, tt := range []struct {
+		name  string
+		err   error
+		opts  []Option
+		check func(t *testing.T, w WorkerStats)
+	}{
+		{"overload never ejects", Overloaded(errDown), nil, func(t *testing.T, w WorkerStats) {
+			assert.Greater(t, w.FailureRate, 0.5, "it costs more")
+			assert.Zero(t, w.Streak)
+		}},
+		{"WithEjection(false)", errDown, []Option{WithEjection(false)}, func(t *testing.T, w WorkerStats) {
+			assert.Equal(t, 10, w.Streak)
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) { return 0, tt.err }, tt.opts...)
+				defer b.Close()
+				for range 20 {
+					_, err := b.Do(context.Background(), 0)
+					require.ErrorIs(t, err, errDown)
+				}
+				s := b.Stats()
+				assert.Zero(t, s.Ejections)
+				tt.check(t, s.Workers[0])
+			})
 		})
-	})
-	t.Run("WithEjection(false)", func(t *testing.T) {
-		synctest.Test(t, func(t *testing.T) {
-			b := mustNew(t, 2, func(ctx context.Context, i int) (int, error) { return 0, errDown }, WithEjection(false))
-			defer b.Close()
-			for range 20 {
-				_, err := b.Do(context.Background(), 0)
-				require.ErrorIs(t, err, errDown)
-			}
-			s := b.Stats()
-			assert.Zero(t, s.Ejections)
-			assert.Equal(t, 10, s.Workers[0].Streak)
-		})
-	})
+	}
 	t.Run("removing the last in service returns an ejected one", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			var down atomic.Bool
