@@ -5057,3 +5057,71 @@ func TestProbeWaitsForRoom(t *testing.T) {
 	assert.True(t, probe)
 	assert.Same(t, full, w)
 }
+
+// Of two ejected workers whose ejections are over, the full one is passed
+// over: the probe goes to the one with room.
+func TestProbePassesOverAFullWorker(t *testing.T) {
+	h := newHeapHarness(1, false)
+	full, roomy, _, _ := h.add(1), h.add(1), h.add(1), h.add(1)
+	require.True(t, h.dispatch(t)) // to full, which has waited longest
+	require.Equal(t, 1, full.pending)
+	h.s.ejectWorker(full)
+	h.s.ejectWorker(roomy)
+	h.now += 2 * ejectBase // both ejections are over
+	w, probe := h.s.dispatch()
+	require.True(t, probe)
+	assert.Same(t, roomy, w)
+	assert.Equal(t, 1, full.pending, "nothing more for the full worker")
+}
+
+// A worker is never ejected between the loop's look for room and the
+// dispatch it allowed: here the fifth failure of worker 1, the root with
+// room, is taken as the loop takes request 6, and request 6 must still
+// find room (at worker 1, ejected after), not land on worker 0, which is
+// full. The loop's select picks the request or the completion's wake at
+// random, so the race is run 20 times.
+func TestEjectionTakesNoRoomPromised(t *testing.T) {
+	for range 20 {
+		synctest.Test(t, func(t *testing.T) {
+			fail5, hold1 := make(chan struct{}), make(chan struct{})
+			var sent atomic.Int64
+			parked, resume := make(chan struct{}), make(chan struct{})
+			b, err := NewFrom([]WorkerSpec[int, int]{
+				{Func: holdOne(hold1), Options: []WorkerOption{WithWeight(100)}}, // first while it has room
+				{Func: func(ctx context.Context, i int) (int, error) {
+					if i == 5 {
+						<-fail5
+					}
+					return 0, errDown
+				}, Options: []WorkerOption{WithConcurrency(2)}},
+			}, WithLoadEstimate(false), &withHooks{
+				send: func() { sent.Add(1) },
+				park: func() {
+					if sent.Load() == 6 && sent.CompareAndSwap(6, 7) { // parking after it sent 5
+						parked <- struct{}{}
+						<-resume
+					}
+				}})
+			require.NoError(t, err)
+			defer b.Close()
+			held := mustSubmit(t, b, 100) // holds worker 0, which is then full
+			synctest.Wait()
+			for i := range 4 {
+				require.ErrorIs(t, (<-mustSubmit(t, b, i+1)).Err, errDown)
+			}
+			five := mustSubmit(t, b, 5) // on worker 1, until fail5; worker 1 keeps a free slot
+			<-parked
+			six := make(chan Result[int, int], 1)
+			go func() { six <- <-mustSubmit(t, b, 6) }()
+			close(fail5)
+			synctest.Wait()
+			close(resume)
+			synctest.Wait()
+			assert.LessOrEqual(t, b.Stats().Workers[0].Pending, 1, "worker 0 holds more than its one slot")
+			close(hold1)
+			<-held
+			assert.ErrorIs(t, (<-five).Err, errDown)
+			<-six
+		})
+	}
+}
