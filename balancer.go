@@ -934,7 +934,7 @@ func (b *Balancer[Req, Res]) TrySubmit(ctx context.Context, req Req) (<-chan Res
 func (b *Balancer[Req, Res]) All(ctx context.Context, reqs iter.Seq[Req]) iter.Seq2[int, Result[Req, Res]] {
 	b.made()
 	return func(yield func(int, Result[Req, Res]) bool) {
-		run, cancel := ctx, context.CancelFunc(noop)
+		run, cancel := ctx, context.CancelFunc(noCancel)
 		if ctx != nil {
 			run, cancel = context.WithCancel(ctx)
 		}
@@ -1078,6 +1078,7 @@ func (b *Balancer[Req, Res]) Shutdown(ctx context.Context) error {
 	case <-b.exited:
 	case <-ctx.Done():
 		b.abort(ErrClosed)
+		b.cancelRunning()
 		b.command(&command[Req, Res]{op: opAbort})
 		return ctx.Err()
 	}
@@ -1168,18 +1169,40 @@ func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error)
 	return rep, rep.err
 }
 
-// runContext returns the context a Func runs under: the request's, also
-// cancelled with cause ErrClosed when Shutdown aborts; if the request's own
-// context ends first, its cause stands. A request context that can never
-// be done and carries no values is replaced by abortCtx itself, which saves
-// the allocations of merging two contexts on the common path.
-func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelFunc) {
+// runContext returns the context a Func runs on slot rn under: the
+// request's, also cancelled with cause ErrClosed when Shutdown aborts; if
+// the request's own context ends first, its cause stands. The caller
+// calls the returned func with nil when the Func has returned. A request
+// context that can never be done and carries no values is replaced by
+// abortCtx itself, which costs nothing. Any other costs one cancellable
+// context (2 allocations), which the slot keeps in rn for Shutdown to
+// cancel (see cancelRunning), instead of registering it with abortCtx,
+// which cost 4 more.
+func (b *Balancer[Req, Res]) runContext(ctx context.Context, rn *runner) (context.Context, context.CancelCauseFunc) {
 	if ctx == context.Background() || ctx == context.TODO() {
 		return b.abortCtx, noop
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
-	stop := context.AfterFunc(b.abortCtx, func() { cancel(ErrClosed) })
-	return ctx, func() { stop(); cancel(nil) }
+	rn.cancel.Store(cancel)
+	if b.abortCtx.Err() != nil { // Shutdown may have looked at rn before the store
+		cancel(ErrClosed)
+	}
+	return ctx, cancel
+}
+
+// cancelRunning cancels, with cause ErrClosed, the contexts of the
+// requests the slots run, after Shutdown aborted. Each slot stores its
+// request's cancel before it checks abortCtx, so each request is cancelled
+// here or by its slot.
+func (b *Balancer[Req, Res]) cancelRunning() {
+	r := b.roster.Load()
+	for _, w := range r.workers {
+		for i := range w.runners {
+			if cancel, ok := w.runners[i].cancel.Load().(context.CancelCauseFunc); ok {
+				cancel(ErrClosed)
+			}
+		}
+	}
 }
 
 // now is the time since New on the monotonic clock, in ns, and never 0 (a
@@ -1188,10 +1211,13 @@ func (b *Balancer[Req, Res]) now() int64 {
 	return int64(time.Since(b.epoch)) + 1
 }
 
-// noop is runContext's CancelFunc when there is nothing to cancel. A
-// package-level func, unlike a literal in a generic method, costs no
+// noop is runContext's cancel when there is nothing to cancel, and what
+// a slot leaves in its runner after a request (see call); noCancel is
+// All's. Package-level funcs, unlike literals in a generic method, cost no
 // allocation.
-func noop() {}
+func noop(error) {}
+
+func noCancel() {}
 
 // loop is the select loop. It owns the pool and runs until Close or
 // Shutdown has begun and nothing is pending, blocking only in its select.

@@ -5125,3 +5125,30 @@ func TestEjectionTakesNoRoomPromised(t *testing.T) {
 		})
 	}
 }
+
+// A request costs no allocation with a context that is never done and
+// carries no values, and 2 with any other (the cancellable context that
+// Shutdown's cancellation reaches it through).
+func TestDoAllocations(t *testing.T) {
+	type key struct{}
+	b := mustNew(t, 2, square)
+	defer b.Close()
+	cancellable, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for _, tt := range []struct {
+		name string
+		ctx  context.Context
+		max  float64
+	}{
+		{"Background", context.Background(), 0},
+		{"WithValue", context.WithValue(context.Background(), key{}, 1), 2},
+		{"WithCancel", cancellable, 2},
+	} {
+		allocs := testing.AllocsPerRun(1000, func() {
+			if _, err := b.Do(tt.ctx, 3); err != nil {
+				t.Fatal(err)
+			}
+		})
+		assert.LessOrEqual(t, allocs, tt.max, "%s: allocations per Do", tt.name)
+	}
+}

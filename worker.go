@@ -50,7 +50,8 @@ func (r request[Req, Res]) deliver(res Result[Req, Res]) {
 
 // runner is what others may read of one slot of a worker.
 type runner struct {
-	since atomic.Int64 // b.now() when the request it runs started; 0 while idle
+	since  atomic.Int64 // b.now() when the request it runs started; 0 while idle
+	cancel atomic.Value // the context.CancelCauseFunc of the latest request it ran with a context of its own (see runContext)
 }
 
 // worker serves requests from its queue on concurrency goroutines, its
@@ -235,10 +236,13 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 // saved: call delivers the outcome itself, frees the slot and starts a
 // replacement goroutine for it, which takes over its count in live.
 func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) (class Class) {
-	ctx, cancel := w.b.runContext(r.ctx)
+	ctx, cancel := w.b.runContext(r.ctx, &w.runners[i])
 	returned := false
 	defer func() {
-		cancel()
+		cancel(nil)
+		if ctx != w.b.abortCtx {
+			w.runners[i].cancel.Store(context.CancelCauseFunc(noop)) // keep no request's context alive
+		}
 		if returned {
 			return
 		}
