@@ -1169,25 +1169,20 @@ func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error)
 	return rep, rep.err
 }
 
-// runContext returns the context a Func runs on slot rn under: the
+// runContext returns the context a Func runs under: the
 // request's, also cancelled with cause ErrClosed when Shutdown aborts; if
 // the request's own context ends first, its cause stands. The caller
-// calls the returned func with nil when the Func has returned. A request
-// context that can never be done and carries no values is replaced by
-// abortCtx itself, which costs nothing. Any other costs one cancellable
-// context (2 allocations), which the slot keeps in rn for Shutdown to
-// cancel (see cancelRunning), instead of registering it with abortCtx,
-// which cost 4 more.
-func (b *Balancer[Req, Res]) runContext(ctx context.Context, rn *runner) (context.Context, context.CancelCauseFunc) {
+// calls the returned func, if not nil, with nil when the Func has
+// returned. A request context that can never be done and carries no
+// values is replaced by abortCtx itself, which costs nothing. Any other
+// costs one cancellable context (2 allocations), which the slot keeps in
+// its runner for Shutdown to cancel (see call and cancelRunning), instead
+// of registering it with abortCtx, which cost 4 more.
+func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelCauseFunc) {
 	if ctx == context.Background() || ctx == context.TODO() {
-		return b.abortCtx, noop
+		return b.abortCtx, nil
 	}
-	ctx, cancel := context.WithCancelCause(ctx)
-	rn.cancel.Store(cancel)
-	if b.abortCtx.Err() != nil { // Shutdown may have looked at rn before the store
-		cancel(ErrClosed)
-	}
-	return ctx, cancel
+	return context.WithCancelCause(ctx)
 }
 
 // cancelRunning cancels, with cause ErrClosed, the contexts of the
@@ -1211,9 +1206,9 @@ func (b *Balancer[Req, Res]) now() int64 {
 	return int64(time.Since(b.epoch)) + 1
 }
 
-// noop is runContext's cancel when there is nothing to cancel, and what
-// a slot leaves in its runner after a request (see call); noCancel is
-// All's. Package-level funcs, unlike literals in a generic method, cost no
+// noop is what a slot leaves in its runner after a request (see call);
+// noCancel is All's cancel when there is nothing to cancel.
+// Package-level funcs, unlike literals in a generic method, cost no
 // allocation.
 func noop(error) {}
 

@@ -236,11 +236,17 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 // saved: call delivers the outcome itself, frees the slot and starts a
 // replacement goroutine for it, which takes over its count in live.
 func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) (class Class) {
-	ctx, cancel := w.b.runContext(r.ctx, &w.runners[i])
+	ctx, cancel := w.b.runContext(r.ctx)
+	if cancel != nil {
+		w.runners[i].cancel.Store(cancel)
+		if w.b.abortCtx.Err() != nil { // Shutdown may have looked at the runner before the store
+			cancel(ErrClosed)
+		}
+	}
 	returned := false
 	defer func() {
-		cancel(nil)
-		if ctx != w.b.abortCtx {
+		if cancel != nil {
+			cancel(nil)
 			w.runners[i].cancel.Store(context.CancelCauseFunc(noop)) // keep no request's context alive
 		}
 		if returned {

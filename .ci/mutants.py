@@ -39,7 +39,7 @@ muts = {
  "Shutdown cancels without a cause": ("balancer.go", "\t\tb.abort(ErrClosed)\n\t\tb.cancelRunning()", "\t\tb.abort(nil)\n\t\tb.cancelRunning()"),
  "merged run context loses the cause": ("balancer.go", "\t\t\t\tcancel(ErrClosed)\n", "\t\t\t\tcancel(nil)\n"),
  "Shutdown does not cancel the running": ("balancer.go", "\t\tb.cancelRunning()\n", ""),
- "a request started after Shutdown's look is not cancelled": ("balancer.go", "\tif b.abortCtx.Err() != nil { // Shutdown may have looked at rn before the store\n\t\tcancel(ErrClosed)\n\t}\n", ""),
+ "a request started after Shutdown's look is not cancelled": ("worker.go", "\t\tif w.b.abortCtx.Err() != nil { // Shutdown may have looked at the runner before the store\n\t\t\tcancel(ErrClosed)\n\t\t}\n", ""),
  "FanIn send ignores ctx": ("fanin.go", "\t\t\tselect {\n\t\t\tcase out <- v:\n\t\t\tcase <-ctx.Done():\n\t\t\t\treturn\n\t\t\t}\n", "\t\t\tout <- v\n"),
  "a hold that ran out never holds again": ("pool.go", "\ts.expired = false\n", ""),
  "Close returns before the workers end": ("balancer.go", "\tb.wg.Wait()\n\tb.abort(ErrClosed)", "\tb.abort(ErrClosed)"),
