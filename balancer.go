@@ -586,6 +586,9 @@ type hooks struct {
 	send func()
 	// jitter replaces rand.Float64 in the ejections' lengths.
 	jitter func() float64
+	// run is called by a slot about to run a Func, after its check that
+	// Shutdown has not given up (see call).
+	run func()
 }
 
 // minSeq is below every dispatch sequence number: a worker that was never

@@ -5152,3 +5152,30 @@ func TestDoAllocations(t *testing.T) {
 		assert.LessOrEqual(t, allocs, tt.max, "%s: allocations per Do", tt.name)
 	}
 }
+
+// A request whose slot passed its check for Shutdown just before Shutdown
+// gave up, and stored its cancel only after Shutdown looked at the slots,
+// is still cancelled with cause ErrClosed: the slot looks again.
+func TestShutdownCancelsARequestStartingThen(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		starting, proceed := make(chan struct{}), make(chan struct{})
+		type key struct{}
+		b, err := New(1, func(ctx context.Context, i int) (int, error) {
+			<-ctx.Done()
+			return 0, context.Cause(ctx)
+		}, &withHooks{run: func() {
+			close(starting)
+			<-proceed
+		}})
+		require.NoError(t, err)
+		c, err := b.Submit(context.WithValue(context.Background(), key{}, 1), 1)
+		require.NoError(t, err)
+		<-starting
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel() // Shutdown gives up at once
+		assert.ErrorIs(t, b.Shutdown(ctx), context.Canceled)
+		close(proceed)
+		assert.ErrorIs(t, (<-c).Err, ErrClosed, "the Func saw Shutdown's cause")
+		require.NoError(t, b.Close())
+	})
+}

@@ -236,6 +236,9 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 // saved: call delivers the outcome itself, frees the slot and starts a
 // replacement goroutine for it, which takes over its count in live.
 func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) (class Class) {
+	if w.b.hooks != nil && w.b.hooks.run != nil {
+		w.b.hooks.run()
+	}
 	ctx, cancel := w.b.runContext(r.ctx)
 	if cancel != nil {
 		w.runners[i].cancel.Store(cancel)
