@@ -1177,15 +1177,40 @@ func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error)
 // the request's own context ends first, its cause stands. The caller
 // calls the returned func, if not nil, with nil when the Func has
 // returned. A request context that can never be done and carries no
-// values is replaced by abortCtx itself, which costs nothing. Any other
-// costs one cancellable context (2 allocations), which the slot keeps in
-// its runner for Shutdown to cancel (see call and cancelRunning), instead
-// of registering it with abortCtx, which cost 4 more.
+// values is replaced by abortCtx itself, which costs nothing. One that
+// can never be done but carries values gets its values and abortCtx's
+// cancellation (1 allocation, see valuesCtx). Any other costs one
+// cancellable context (2 allocations), which the slot keeps in its runner
+// for Shutdown to cancel (see call and cancelRunning), instead of
+// registering it with abortCtx, which cost 4 more.
 func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelCauseFunc) {
 	if ctx == context.Background() || ctx == context.TODO() {
 		return b.abortCtx, nil
 	}
+	if ctx.Done() == nil {
+		return &valuesCtx{ctx, b.abortCtx}, nil
+	}
 	return context.WithCancelCause(ctx)
+}
+
+// valuesCtx is the context of a request whose own context can never be
+// done: its values are the request context's, and it is done when abort
+// is (Shutdown gave up), with abort's error and cause. context.Cause finds
+// abort's cause through Value, which falls back to abort for every key the
+// request context has no value for.
+type valuesCtx struct {
+	values context.Context // Done() == nil
+	abort  context.Context
+}
+
+func (c *valuesCtx) Deadline() (time.Time, bool) { return c.values.Deadline() }
+func (c *valuesCtx) Done() <-chan struct{}       { return c.abort.Done() }
+func (c *valuesCtx) Err() error                  { return c.abort.Err() }
+func (c *valuesCtx) Value(key any) any {
+	if v := c.values.Value(key); v != nil {
+		return v
+	}
+	return c.abort.Value(key)
 }
 
 // cancelRunning cancels, with cause ErrClosed, the contexts of the

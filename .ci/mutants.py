@@ -160,6 +160,8 @@ muts = {
  "a full ejected worker's probe is forgotten": ("pool.go", "\t\t\ts.setDue() // it may have room for its probe now\n", ""),
  "a probe goes to a full worker": ("pool.go", "\t\tif !w.trial && w.pending < w.limit && w.until <= now {", "\t\tif !w.trial && w.until <= now {"),
  "ejected at once, between the look for room and the dispatch": ("pool.go", "\t\t\tw.doomed = true // ejected at the loop's next look (see settle)\n\t\t\ts.doomed = append(s.doomed, w)\n\t\t}\n\t\ts.touch(w)", "\t\t\tif s.ejectable() {\n\t\t\t\ts.ejectWorker(w)\n\t\t\t\treturn\n\t\t\t}\n\t\t}\n\t\ts.touch(w)"),
+ "a values-only context loses Shutdown's cause": ("balancer.go", "\t\treturn v\n\t}\n\treturn c.abort.Value(key)", "\t\treturn v\n\t}\n\treturn nil"),
+ "a values-only context is not cancelled by Shutdown": ("balancer.go", "func (c *valuesCtx) Done() <-chan struct{}       { return c.abort.Done() }", "func (c *valuesCtx) Done() <-chan struct{}       { return nil }"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
