@@ -512,7 +512,9 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // working. A lone caller's request costs three goroutine hand-offs (0.6
 // to 1 µs on a 2-core machine, about twice a plain shared-channel pool);
 // under load the loop takes requests in batches, and a request costs less.
-// Through Do with a context that cannot be cancelled, it allocates nothing.
+// Through Do it allocates nothing with context.Background(), once with a
+// context that carries values and cannot be cancelled, and twice with one
+// that can.
 type Balancer[Req, Res any] struct {
 	depth    int
 	defaults workerOptions                    // for AddWorker, from New's options
