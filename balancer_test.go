@@ -4782,21 +4782,21 @@ func TestRetryOptionsMustFit(t *testing.T) {
 }
 
 // A retry never takes the room the loop found for the request it is
-// dispatching: here worker 0's fifth failure ejects it while the loop is
-// about to take request 6 for worker 1's one slot, and the failure's
-// retry, for worker 1 too, must wait. The loop's select picks the request
-// or the completion's wake at random, so the race is run 20 times.
+// dispatching. Here worker 0, ejected, fails its probe as the loop is about
+// to take request 60 for worker 1's one slot: worker 0 is out of the heap,
+// so the probe's completion frees no room there, and the probe's retry,
+// for worker 1 too, must wait. The loop's select picks the request or the
+// completion's wake at random, so the race is run 20 times.
 func TestRetryTakesNoRoomPromised(t *testing.T) {
 	for range 20 {
 		synctest.Test(t, func(t *testing.T) {
-			fail5, hold1 := make(chan struct{}), make(chan struct{})
+			probe, hold1 := make(chan struct{}), make(chan struct{})
 			var holding atomic.Bool
-			var sent atomic.Int64 // requests the loop handed to workers: the first 4 twice each, then 5
-			parked, resume := make(chan struct{}), make(chan struct{})
+			gate := newLoopGate(12) // 1 to 5 go out twice each, 6 once, then the probe
 			b, err := NewFrom([]WorkerSpec[int, int]{
 				{Func: func(ctx context.Context, i int) (int, error) {
-					if i == 5 {
-						<-fail5
+					if i == 50 {
+						<-probe
 					}
 					return 0, Unprocessed(errDown)
 				}, Options: []WorkerOption{WithWeight(100)}}, // first for every request
@@ -4806,34 +4806,22 @@ func TestRetryTakesNoRoomPromised(t *testing.T) {
 					}
 					return i, nil
 				}},
-			}, WithLoadEstimate(false), WithRetry(2), &withHooks{
-				send: func() { sent.Add(1) },
-				park: func() {
-					if sent.Load() == 9 && sent.CompareAndSwap(9, 10) { // parking after it sent 5
-						parked <- struct{}{}
-						<-resume
-					}
-				}})
+			}, WithLoadEstimate(false), WithRetry(2), exactJitter, gate.hooks())
 			require.NoError(t, err)
 			defer b.Close()
-			for i := range 4 {
+			for i := range 5 {
 				res := <-mustSubmit(t, b, i+1) // fails on worker 0, served by worker 1
 				require.Equal(t, [2]int{1, 2}, [2]int{res.Worker, res.Attempts})
 			}
+			require.Equal(t, 1, (<-mustSubmit(t, b, 6)).Worker, "worker 0 is ejected")
+			time.Sleep(time.Until(b.Stats().Workers[0].EjectedUntil))
 			holding.Store(true)
-			five := mustSubmit(t, b, 5) // on worker 0, until fail5
-			<-parked
-			six := make(chan Result[int, int], 1)
-			go func() { six <- <-mustSubmit(t, b, 6) }()
-			close(fail5)
-			synctest.Wait()
-			close(resume)
-			synctest.Wait()
-			w := b.Stats().Workers[1]
-			assert.LessOrEqual(t, w.Pending, 1, "worker 1 holds more than its one slot")
+			fifty := mustSubmit(t, b, 50) // worker 0's probe, until probe
+			sixty := gate.race(t, b, 60, func() { close(probe) })
+			assert.LessOrEqual(t, b.Stats().Workers[1].Pending, 1, "worker 1 holds more than its one slot")
 			close(hold1)
-			assert.NoError(t, (<-five).Err)
-			assert.NoError(t, (<-six).Err)
+			assert.NoError(t, (<-fifty).Err, "retried on worker 1")
+			assert.NoError(t, (<-sixty).Err)
 		})
 	}
 }
@@ -5084,8 +5072,7 @@ func TestEjectionTakesNoRoomPromised(t *testing.T) {
 	for range 20 {
 		synctest.Test(t, func(t *testing.T) {
 			fail5, hold1 := make(chan struct{}), make(chan struct{})
-			var sent atomic.Int64
-			parked, resume := make(chan struct{}), make(chan struct{})
+			gate := newLoopGate(6) // 100, 1 to 4, then 5
 			b, err := NewFrom([]WorkerSpec[int, int]{
 				{Func: holdOne(hold1), Options: []WorkerOption{WithWeight(100)}}, // first while it has room
 				{Func: func(ctx context.Context, i int) (int, error) {
@@ -5094,14 +5081,7 @@ func TestEjectionTakesNoRoomPromised(t *testing.T) {
 					}
 					return 0, errDown
 				}, Options: []WorkerOption{WithConcurrency(2)}},
-			}, WithLoadEstimate(false), &withHooks{
-				send: func() { sent.Add(1) },
-				park: func() {
-					if sent.Load() == 6 && sent.CompareAndSwap(6, 7) { // parking after it sent 5
-						parked <- struct{}{}
-						<-resume
-					}
-				}})
+			}, WithLoadEstimate(false), gate.hooks())
 			require.NoError(t, err)
 			defer b.Close()
 			held := mustSubmit(t, b, 100) // holds worker 0, which is then full
@@ -5110,13 +5090,7 @@ func TestEjectionTakesNoRoomPromised(t *testing.T) {
 				require.ErrorIs(t, (<-mustSubmit(t, b, i+1)).Err, errDown)
 			}
 			five := mustSubmit(t, b, 5) // on worker 1, until fail5; worker 1 keeps a free slot
-			<-parked
-			six := make(chan Result[int, int], 1)
-			go func() { six <- <-mustSubmit(t, b, 6) }()
-			close(fail5)
-			synctest.Wait()
-			close(resume)
-			synctest.Wait()
+			six := gate.race(t, b, 6, func() { close(fail5) })
 			assert.LessOrEqual(t, b.Stats().Workers[0].Pending, 1, "worker 0 holds more than its one slot")
 			close(hold1)
 			<-held
@@ -5180,4 +5154,45 @@ func TestShutdownCancelsARequestStartingThen(t *testing.T) {
 		assert.ErrorIs(t, (<-c).Err, ErrClosed, "the Func saw Shutdown's cause")
 		require.NoError(t, b.Close())
 	})
+}
+
+// loopGate stops the loop once, where it parks after handing its n-th
+// request to a worker, so that a test can make a request and a completion
+// wait for it together (see race). Call it inside synctest.Test.
+type loopGate struct {
+	n              int64
+	sent           atomic.Int64
+	parked, resume chan struct{}
+}
+
+func newLoopGate(n int64) *loopGate {
+	return &loopGate{n: n, parked: make(chan struct{}), resume: make(chan struct{})}
+}
+
+func (g *loopGate) hooks() *withHooks {
+	return &withHooks{
+		send: func() { g.sent.Add(1) },
+		park: func() {
+			if g.sent.Load() == g.n && g.sent.CompareAndSwap(g.n, g.n+1) {
+				g.parked <- struct{}{}
+				<-g.resume
+			}
+		},
+	}
+}
+
+// race waits for the loop to stop, submits req from a goroutine, calls
+// complete (which lets a request finish), and lets the loop go on once
+// both wait: its select takes the request or the completion's wake first,
+// at random. It returns req's result, once it has one.
+func (g *loopGate) race(t *testing.T, b *Balancer[int, int], req int, complete func()) <-chan Result[int, int] {
+	t.Helper()
+	<-g.parked
+	res := make(chan Result[int, int], 1)
+	go func() { res <- <-mustSubmit(t, b, req) }()
+	complete()
+	synctest.Wait()
+	close(g.resume)
+	synctest.Wait()
+	return res
 }
