@@ -74,6 +74,10 @@ var (
 	// ErrGoexit is the outcome of a request whose Func called
 	// runtime.Goexit. The worker goes on serving.
 	ErrGoexit = errors.New("balancer: Func called runtime.Goexit")
+	// ErrHedgeLost is the cause (context.Cause) of the cancellation of an
+	// attempt whose other copy succeeded first (see WithHedge). The
+	// caller never sees it: the winner's outcome is the request's.
+	ErrHedgeLost = errors.New("balancer: another copy of the request succeeded first")
 )
 
 var errNilContext = fmt.Errorf("%w: nil Context", ErrInvalidArgument)
@@ -220,6 +224,7 @@ type options struct {
 	attempts int
 	retryOn  any // a func(Res, error) bool, checked by newBalancer
 	budget   budgetOption
+	hedge    hedgeOption
 	worker   workerOptions // defaults for every worker New or NewFrom starts
 	hooks    *hooks        // tests only
 }
@@ -423,6 +428,38 @@ func (b budgetOption) apply(o *options) { o.budget = b }
 // ErrInvalidArgument for a negative or non-finite ratio or perSecond.
 func WithRetryBudget(ratio, perSecond float64) Option { return budgetOption{ratio, perSecond} }
 
+type hedgeOption struct {
+	on       bool
+	quantile float64
+	minDelay time.Duration
+}
+
+func (h hedgeOption) apply(o *options) { o.hedge = h }
+
+// WithHedge sends a copy of a request that has been at its worker longer
+// than the quantile (such as 0.95) of the times successful attempts took
+// at theirs, and at least minDelay, to the least-loaded other worker with
+// a free slot: the first copy to succeed gives the request its outcome,
+// and the other's ctx is cancelled with cause ErrHedgeLost; it counts
+// neither as a failure of its worker nor as a sample of its speed. An
+// error from one copy waits for the other's outcome. The times are from
+// the balancer handing the attempt to its worker to its end, over the
+// latest 1 024 successes at every worker, so a slow worker's requests,
+// a stalled worker's and those stuck in a worker's queue are all
+// stragglers against the rest; there is no hedging before 100 successes.
+//
+// A hedge uses spare capacity only: it never waits and never queues, and
+// none is sent while callers wait for capacity, so hedging backs off by
+// itself as the load rises. Each request gets at most one hedge, which
+// counts against the budget of WithRetryBudget (with retries, if any)
+// and, with WithRetry, among its attempts. Hedge only work that is safe to
+// run twice; a hedged Func runs under a context of its own (2 more
+// allocations per attempt). New returns ErrInvalidArgument for a quantile
+// outside [0.5, 1) or a negative minDelay.
+func WithHedge(quantile float64, minDelay time.Duration) Option {
+	return hedgeOption{true, quantile, minDelay}
+}
+
 type classifierOption struct{ f any }
 
 func (c classifierOption) apply(o *options) { o.classify = c.f }
@@ -549,23 +586,26 @@ type Balancer[Req, Res any] struct {
 	// retried is a stack of the requests whose attempt a slot handed back
 	// for the loop to try again (see worker.handBack); the loop takes it
 	// whole, after the completions (see takeCompletions).
-	retried atomic.Pointer[retry[Req, Res]]
-	// Retries counters, written by the loop.
-	retries, refusals atomic.Uint64
-	hooks             *hooks // nil outside tests
+	retried atomic.Pointer[flight[Req, Res]]
+	// Retries and hedges counters, written by the loop; hedge wins by the
+	// slots.
+	retries, refusals, hedges, hedgeWins atomic.Uint64
+	hedging                              *hedger[Req, Res] // WithHedge's; nil without
+	spends                               bool              // some attempts are extra: WithRetry or WithHedge
+	hooks                                *hooks            // nil outside tests
 
 	// Owned by the select loop once it starts; New sets them up before.
 	sched    sched[Req, Res]
 	workers  map[int]*worker[Req, Res] // every worker not yet retired, removed ones included
 	nextID   int
-	closing  bool               // Close or Shutdown began
-	pending  int                // over all workers, as of the completions taken
-	draining int                // removed workers not yet retired
-	line     *waiter[Req, Res]  // taken from the queue, oldest first, not dispatched yet
-	took     int                // requests dispatched in this round: since the loop last woke
-	again    []*retry[Req, Res] // retries waiting for room at a worker they have not tried
-	budget   budget             // WithRetryBudget's
-	lone     int                // rounds in a row, up to loneRounds, that dispatched one request each
+	closing  bool                // Close or Shutdown began
+	pending  int                 // over all workers, as of the completions taken
+	draining int                 // removed workers not yet retired
+	line     *waiter[Req, Res]   // taken from the queue, oldest first, not dispatched yet
+	took     int                 // requests dispatched in this round: since the loop last woke
+	again    []*flight[Req, Res] // retries waiting for room at a worker they have not tried
+	budget   budget              // WithRetryBudget's
+	lone     int                 // rounds in a row, up to loneRounds, that dispatched one request each
 
 	// Holding back, with the load estimate only (see holdBack); owned by
 	// the loop.
@@ -703,6 +743,10 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		return nil, fmt.Errorf("%w: retry budget ratio %v, want non-negative and finite", ErrInvalidArgument, o.budget.ratio)
 	case !(o.budget.perSecond >= 0 && o.budget.perSecond <= math.MaxFloat64):
 		return nil, fmt.Errorf("%w: retry budget %v a second, want non-negative and finite", ErrInvalidArgument, o.budget.perSecond)
+	case o.hedge.on && !(o.hedge.quantile >= 0.5 && o.hedge.quantile < 1):
+		return nil, fmt.Errorf("%w: hedge quantile %v, want 0.5 to 1 (not included)", ErrInvalidArgument, o.hedge.quantile)
+	case o.hedge.minDelay < 0:
+		return nil, fmt.Errorf("%w: hedge delay %v, want at least 0", ErrInvalidArgument, o.hedge.minDelay)
 	}
 	wos := make([]workerOptions, n) // checked before anything starts
 	for i := range n {
@@ -730,7 +774,11 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		budget:   budget{ratio: o.budget.ratio, perSecond: o.budget.perSecond},
 		hooks:    o.hooks,
 	}
-	b.sched = sched[Req, Res]{estimate: o.estimate, eject: o.eject, clock: b.now, published: &b.ref, jitter: rand.Float64}
+	if o.hedge.on {
+		b.hedging = newHedger[Req, Res](o.hedge)
+	}
+	b.spends = o.attempts > 1 || b.hedging != nil
+	b.sched = sched[Req, Res]{estimate: o.estimate, eject: o.eject, hedging: o.hedge.on, clock: b.now, published: &b.ref, jitter: rand.Float64}
 	if o.hooks != nil && o.hooks.jitter != nil {
 		b.sched.jitter = o.hooks.jitter
 	}
@@ -1276,8 +1324,9 @@ func (b *Balancer[Req, Res]) loop() {
 	ready := b.ready()
 	for !b.closing || b.pending > 0 {
 		// With retries, a completion may bring a request back to
-		// dispatch, so the loop always sleeps on completions too.
-		if ready && b.draining == 0 && b.lone >= loneRounds && b.attempts == 1 {
+		// dispatch, and hedges have deadlines, so the loop always sleeps
+		// on completions and the hedge timer too.
+		if ready && b.draining == 0 && b.lone >= loneRounds && !b.spends {
 			// Commands come through requests too (see command), and a
 			// Do whose request may go unseen pokes there (see Do), so
 			// a plain receive, much cheaper than a select, is enough.
@@ -1302,9 +1351,12 @@ func (b *Balancer[Req, Res]) loop() {
 				requests = b.requests
 			}
 			var nudge chan struct{}
-			var expired <-chan time.Time
+			var expired, hedge <-chan time.Time
 			if b.sched.held {
 				nudge, expired = b.nudge, b.timer.C
+			}
+			if b.hedging != nil && b.hedging.armed != 0 {
+				hedge = b.hedging.timer.C
 			}
 			if b.hooks != nil && b.hooks.park != nil {
 				b.hooks.park()
@@ -1320,11 +1372,29 @@ func (b *Balancer[Req, Res]) loop() {
 			case <-expired:
 				b.timing = false
 				b.sched.expire()
+			case <-hedge:
+				b.hedging.armed = 0
+				b.takeCompletions()
+				b.hedgeDue()
 			}
 			b.sleeping.Store(false)
 			b.idle.Store(false)
 		}
 		ready = b.drain()
+		if h := b.hedging; h != nil {
+			if h.armed != 0 { // busy, the loop may not reach its select for a while
+				select {
+				case <-h.timer.C:
+					h.armed = 0
+					b.hedgeDue()
+				default:
+				}
+			}
+			if len(h.late) > 0 && !b.callersWait() {
+				b.hedgeLate()
+			}
+			ready = b.ready()
+		}
 		if b.took > 1 { // a burst
 			b.lone = 0
 		} else if b.took == 1 && b.lone < loneRounds {
@@ -1336,6 +1406,9 @@ func (b *Balancer[Req, Res]) loop() {
 		if !w.removed {
 			w.close()
 		}
+	}
+	if b.hedging != nil {
+		b.hedging.timer.Stop()
 	}
 }
 
@@ -1517,17 +1590,16 @@ func (b *Balancer[Req, Res]) retryWaiting() {
 // on, within the retry budget, or gives it its final outcome, and reports
 // whether it did either; if not, the request waits for such a worker to
 // have room.
-func (b *Balancer[Req, Res]) tryAgain(a *retry[Req, Res]) bool {
-	r := a.r
-	res := a.last
-	switch err := r.ctx.Err(); {
+func (b *Balancer[Req, Res]) tryAgain(f *flight[Req, Res]) bool {
+	res := f.last
+	switch err := f.r.ctx.Err(); {
 	case b.closing:
 	case err != nil:
 		res.Value, res.Err = *new(Res), err
 	default:
-		w, any := b.sched.untried(a.tried)
+		w, any := b.sched.untried(f.tried)
 		switch {
-		case w == nil && any && !r.eager:
+		case w == nil && any && !f.r.eager:
 			return false
 		case w == nil:
 		case !b.budget.allow(b.now()):
@@ -1535,15 +1607,34 @@ func (b *Balancer[Req, Res]) tryAgain(a *retry[Req, Res]) bool {
 		default:
 			b.retries.Add(1)
 			b.budget.spend()
-			r.again = a
+			f.state.Add(flightLive)
 			b.sched.dispatchTo(w)
-			b.send(w, r)
+			b.send(w, b.attempt(f, w))
 			return true
 		}
 	}
 	b.pending--
-	r.deliver(res)
+	f.r.deliver(res)
 	return true
+}
+
+// attempt returns the request of f's next attempt, copy 0, which the loop
+// is sending to w: the request as first sent, not a probe, with the time
+// it starts to wait at w's if it must. With WithHedge it is also given a
+// hedge deadline.
+func (b *Balancer[Req, Res]) attempt(f *flight[Req, Res], w *worker[Req, Res]) request[Req, Res] {
+	r := f.r
+	r.probe, r.at, r.hedge = false, 0, false
+	f.tried = append(f.tried, w.id)
+	f.sends++
+	if h := b.hedging; h != nil {
+		now := b.now()
+		f.sentAt[0] = now
+		if !f.hedged {
+			h.expect(f, now)
+		}
+	}
+	return r
 }
 
 // report tells the loop that a slot of w finished a request, without a
@@ -1613,13 +1704,16 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	// Counted before the send, so Stats never sees a request complete
 	// before it was accepted.
 	b.accepted.Add(1)
-	if b.attempts > 1 {
+	if b.spends {
 		b.budget.deposit(b.sched.now)
 	}
 	if w.pending > w.concurrency && r.at == 0 { // as send does
 		r.at = b.now() // it waits in w's queue for a slot
 	}
 	w.assigned.Add(1)
+	if b.hedging != nil {
+		r = b.fly(r, w)
+	}
 	if b.hooks != nil && b.hooks.send != nil {
 		b.hooks.send()
 	}
@@ -1741,7 +1835,14 @@ func (b *Balancer[Req, Res]) dropQueued() {
 				if !ok {
 					break // closed by RemoveWorker, and the worker took the rest
 				}
-				r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed, Worker: w.id})
+				res := Result[Req, Res]{Req: r.req, Err: ErrClosed, Worker: w.id}
+				v := deliver
+				if r.fl != nil {
+					v, res.Attempts = r.fl.end(false, false)
+				}
+				if v == deliver {
+					r.deliver(res)
+				}
 				dropped.completed++
 				dropped.failed++
 				w.pending--
@@ -1827,3 +1928,229 @@ func (g *budget) allow(now int64) bool {
 
 // spend counts one extra attempt, in the slot allow just moved to.
 func (g *budget) spend() { g.extra[g.at%budgetRing]++ }
+
+// fly gives r, which the loop is sending to w with WithHedge, its flight
+// and its hedge deadline.
+func (b *Balancer[Req, Res]) fly(r request[Req, Res], w *worker[Req, Res]) request[Req, Res] {
+	f := &flight[Req, Res]{sends: 1}
+	f.state.Store(flightLive)
+	f.tried = append(f.buf[:0], w.id)
+	r.fl = f
+	f.r = r
+	now := b.now()
+	f.sentAt[0] = now
+	b.hedging.expect(f, now)
+	return r
+}
+
+// hedger is WithHedge's: the window of successful attempts' times and the
+// hedge deadlines of the attempts in flight.
+type hedger[Req, Res any] struct {
+	quantile float64
+	minDelay int64
+	// The window: the times of the latest successes, each at
+	// samples[i%hedgeWindow], i counted by count. The slots write it
+	// (see record).
+	samples [hedgeWindow]atomic.Int64
+	count   atomic.Uint64
+	// The loop's.
+	delay   int64                // the hedge delay, in ns; 0 before hedgeMinSamples successes
+	counted uint64               // count when delay was computed
+	scratch []int64              // delay's computation's, kept
+	due     []deadline[Req, Res] // a queue, from head: deadlines in the order set, which is that of their times but for a change of delay
+	head    int
+	late    []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeLate)
+	timer   *time.Timer
+	armed   int64 // what timer is set for, 0 if not set
+}
+
+// A deadline is when f's attempt number sends is to be hedged, in b.now()'s
+// time.
+type deadline[Req, Res any] struct {
+	at    int64
+	f     *flight[Req, Res]
+	sends int
+}
+
+// The window's size, the successes before the first hedge, and how many
+// new successes make the loop compute the delay again.
+const (
+	hedgeWindow     = 1024
+	hedgeMinSamples = 100
+	hedgeEvery      = 64
+)
+
+func newHedger[Req, Res any](o hedgeOption) *hedger[Req, Res] {
+	h := &hedger[Req, Res]{quantile: o.quantile, minDelay: int64(o.minDelay), timer: time.NewTimer(time.Hour)}
+	h.timer.Stop()
+	return h
+}
+
+// record adds the time at of a successful attempt to the window.
+func (h *hedger[Req, Res]) record(at int64) {
+	i := h.count.Add(1) - 1
+	h.samples[i%hedgeWindow].Store(max(at, 1)) // 0 is a place not yet written
+}
+
+// expect sets the hedge deadline of f's latest attempt, sent at now, if
+// the window is ready, computing the delay again if it has enough new
+// successes.
+func (h *hedger[Req, Res]) expect(f *flight[Req, Res], now int64) {
+	if n := h.count.Load(); n >= hedgeMinSamples && n-h.counted >= hedgeEvery {
+		h.reckon(n)
+	}
+	if h.delay == 0 {
+		return
+	}
+	h.due = append(h.due, deadline[Req, Res]{now + h.delay, f, f.sends})
+	h.arm(now)
+}
+
+// reckon computes the delay from the window, which has n successes: the
+// quantile of the times it holds, at least minDelay.
+func (h *hedger[Req, Res]) reckon(n uint64) {
+	h.counted = n
+	m := int(min(n, hedgeWindow))
+	h.scratch = h.scratch[:0]
+	for i := range m {
+		if v := h.samples[i].Load(); v != 0 {
+			h.scratch = append(h.scratch, v)
+		}
+	}
+	if len(h.scratch) == 0 {
+		return
+	}
+	k := int(h.quantile * float64(len(h.scratch)-1))
+	h.delay = max(nth(h.scratch, k), h.minDelay, 1)
+}
+
+// nth returns the k-th smallest of xs, reordering them: quickselect.
+func nth(xs []int64, k int) int64 {
+	lo, hi := 0, len(xs)-1
+	for lo < hi {
+		p := xs[lo+(hi-lo)/2]
+		i, j := lo, hi
+		for i <= j {
+			for xs[i] < p {
+				i++
+			}
+			for xs[j] > p {
+				j--
+			}
+			if i <= j {
+				xs[i], xs[j] = xs[j], xs[i]
+				i++
+				j--
+			}
+		}
+		switch {
+		case k <= j:
+			hi = j
+		case k >= i:
+			lo = i
+		default:
+			return xs[k]
+		}
+	}
+	return xs[k]
+}
+
+// arm sets the timer for the first deadline, if it is not set for one
+// before it.
+func (h *hedger[Req, Res]) arm(now int64) {
+	if h.head == len(h.due) {
+		return
+	}
+	at := h.due[h.head].at
+	if h.armed != 0 && h.armed <= at {
+		return
+	}
+	h.timer.Reset(time.Duration(at - now + 1)) // past it: longer than the delay
+	h.armed = at
+}
+
+// hedgeDue hedges each attempt whose deadline has passed and that may be
+// hedged (see hedge), and sets the timer for the next deadline.
+func (b *Balancer[Req, Res]) hedgeDue() {
+	h := b.hedging
+	now := b.now()
+	for h.head < len(h.due) && h.due[h.head].at < now {
+		d := h.due[h.head]
+		h.due[h.head] = deadline[Req, Res]{} // keep no flight alive
+		h.head++
+		if !b.hedge(d, now) {
+			h.late = append(h.late, d)
+		}
+	}
+	if h.head > len(h.due)/2 { // keep the queue from growing without end
+		n := copy(h.due, h.due[h.head:])
+		clear(h.due[n:])
+		h.due, h.head = h.due[:n], 0
+	}
+	h.arm(now)
+}
+
+// hedge sends a copy of the request of d, whose deadline passed, to the
+// least-loaded worker it was not sent to that has a free slot, if the
+// attempt is still its latest and live, it has no hedge yet and may run
+// again, the loop is not closing and the budget allows; it reports
+// whether d is settled: false if the hedge must wait for spare capacity,
+// because callers wait or no such worker has a free slot (see hedgeLate).
+func (b *Balancer[Req, Res]) hedge(d deadline[Req, Res], now int64) bool {
+	f := d.f
+	s := f.state.Load()
+	if s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || b.closing || int(s&0xff) >= max(b.attempts, 2) {
+		return true
+	}
+	if b.callersWait() {
+		return false
+	}
+	w := b.sched.spare(f.tried)
+	if w == nil {
+		return false
+	}
+	if !b.budget.allow(now) {
+		b.refusals.Add(1)
+		return true
+	}
+	f.sentAt[1], f.delay = now, now-f.sentAt[0]
+	if !f.join() { // its outcome was decided meanwhile, or it is being handed back
+		return true
+	}
+	f.hedged = true
+	f.tried = append(f.tried, w.id)
+	b.budget.spend()
+	b.hedges.Add(1)
+	b.pending++
+	b.sched.dispatchTo(w)
+	r := f.r
+	r.probe, r.at, r.hedge = false, 0, true
+	b.send(w, r)
+	return true
+}
+
+// callersWait reports whether any request waits for capacity: a caller in
+// Do or Submit, or a retry.
+func (b *Balancer[Req, Res]) callersWait() bool {
+	return b.waiting.Load()+b.queued.Load() > 0 || b.line != nil || len(b.again) > 0
+}
+
+// hedgeLate tries again the hedges that found no spare capacity at their
+// deadline, oldest first, while there is some; the loop calls it after
+// each round.
+func (b *Balancer[Req, Res]) hedgeLate() {
+	h := b.hedging
+	now := b.now()
+	kept := h.late[:0]
+	for i, d := range h.late {
+		if !b.hedge(d, now) {
+			kept = append(kept, d)
+			if b.callersWait() { // the rest wait too
+				kept = append(kept, h.late[i+1:]...)
+				break
+			}
+		}
+	}
+	clear(h.late[len(kept):])
+	h.late = kept
+}

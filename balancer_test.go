@@ -3258,7 +3258,7 @@ func TestStatsForPeople(t *testing.T) {
 		"worker 4: 0/1 running, 0 queued, 0 completed (0 failed, 0 panicked), service 0s, wait 0s, ejected, probing, 2 ejections",
 		faults.String())
 	assert.Equal(t, "[concurrency=1 running=0 queued=0 completed=0 failed=0 panics=0 mean_service=0s mean_wait=0s total_wait=0s "+
-		"weight=1 removed=false failure_rate=1 streak=5 ejected=true ejected_until=2026-01-02 03:04:05.006 +0000 UTC probing=false ejections=1 retries=0]",
+		"weight=1 removed=false failure_rate=1 streak=5 ejected=true ejected_until=2026-01-02 03:04:05.006 +0000 UTC probing=false ejections=1 retries=0 hedges=0]",
 		faults.Workers[1].LogValue().String())
 	var buf strings.Builder
 	slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
@@ -3269,15 +3269,15 @@ func TestStatsForPeople(t *testing.T) {
 	}})).Info("balancer", "stats", s)
 	assert.Equal(t, "msg=balancer stats.accepted=10 stats.pending=2 stats.completed=8 stats.failed=1 stats.panics=0 "+
 		"stats.waiting=3 stats.mean_wait=1ms stats.total_wait=1s "+
-		"stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.retries=0 stats.budget_refusals=0 "+
+		"stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.retries=0 stats.hedges=0 stats.hedge_wins=0 stats.budget_refusals=0 "+
 		"stats.workers.0.concurrency=4 stats.workers.0.running=2 stats.workers.0.queued=0 stats.workers.0.completed=5 "+
 		"stats.workers.0.failed=1 stats.workers.0.panics=0 stats.workers.0.mean_service=2ms stats.workers.0.mean_wait=1ms "+
 		"stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false "+
-		"stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 stats.workers.0.retries=0 "+
+		"stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 stats.workers.0.retries=0 stats.workers.0.hedges=0 "+
 		"stats.workers.3.concurrency=1 stats.workers.3.running=0 stats.workers.3.queued=0 stats.workers.3.completed=3 "+
 		"stats.workers.3.failed=0 stats.workers.3.panics=0 stats.workers.3.mean_service=0s stats.workers.3.mean_wait=0s "+
 		"stats.workers.3.total_wait=0s stats.workers.3.weight=2 stats.workers.3.removed=true "+
-		"stats.workers.3.failure_rate=0 stats.workers.3.streak=0 stats.workers.3.ejected=false stats.workers.3.ejections=0 stats.workers.3.retries=0\n", buf.String())
+		"stats.workers.3.failure_rate=0 stats.workers.3.streak=0 stats.workers.3.ejected=false stats.workers.3.ejections=0 stats.workers.3.retries=0 stats.workers.3.hedges=0\n", buf.String())
 }
 
 // 12. Documentation that cannot drift.

@@ -369,6 +369,28 @@ type scenario struct {
 	// The balancer retries up to retry attempts (WithRetry) if set, and
 	// the failures are marked Unprocessed, which it may retry.
 	retry int
+	// Each attempt, on any worker, takes straggleBy times its size with
+	// probability straggle (see straggles): a pause, not a big request,
+	// so that a copy elsewhere is likely quick.
+	straggle, straggleBy float64
+}
+
+// straggles reports whether run n (from 1) of request req, on worker i,
+// straggles: a draw on all three, the same for every dispatcher.
+func (s scenario) straggles(i, req, n int) bool {
+	return s.straggle > 0 && draw(uint64(req)<<8|uint64(n), uint64(i)) < s.straggle
+}
+
+// draw is a uniform draw in [0, 1) that depends on a and b alone:
+// splitmix64's finaliser on both.
+func draw(a, b uint64) float64 {
+	x := a*0x9e3779b97f4a7c15 ^ (b+1)*0xbf58476d1ce4e5b9
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return float64(x>>11) / (1 << 53)
 }
 
 // failTime is how long a failing worker takes to fail a request.
@@ -387,13 +409,7 @@ func (s scenario) fails(i, req int, at time.Duration) bool {
 	if s.failP >= 1 {
 		return true
 	}
-	x := uint64(req)*0x9e3779b97f4a7c15 ^ uint64(i+1)*0xbf58476d1ce4e5b9 // splitmix64's finaliser
-	x ^= x >> 30
-	x *= 0xbf58476d1ce4e5b9
-	x ^= x >> 27
-	x *= 0x94d049bb133111eb
-	x ^= x >> 31
-	return float64(x>>11)/(1<<53) < s.failP
+	return draw(uint64(req), uint64(i)) < s.failP
 }
 
 // failingAt reports whether the failing workers fail at at.
@@ -517,12 +533,15 @@ func offerRun(t testing.TB, s scenario, w workload, name string) *run {
 	r := &run{lat: make([]time.Duration, len(w.at)), who: make([]int, len(w.at)), failed: make([]bool, len(w.at)),
 		attempts: make([]atomic.Int32, len(w.at)), ranOn: make([]atomic.Uint64, len(w.at))}
 	lat, who := r.lat, r.who
+	ran := make([]atomic.Int32, len(w.at)) // who, written by copies that may run at once
 	start := time.Now()
+	hedged := name == hedging
 	serve := func(i int) balancer.Func[int, int] {
 		return func(ctx context.Context, req int) (int, error) {
-			who[req] = i
 			at := time.Since(start)
-			if n := r.attempts[req].Add(1); n > 1 && s.failingAt(at) {
+			ran[req].Store(int32(i))
+			n := int(r.attempts[req].Add(1))
+			if n > 1 && s.failingAt(at) {
 				r.extraIn.Add(1)
 			}
 			if bit := uint64(1) << (i % 64); r.ranOn[req].Or(bit)&bit != 0 {
@@ -535,10 +554,19 @@ func offerRun(t testing.TB, s scenario, w workload, name string) *run {
 				}
 				return 0, errBackend
 			}
-			if end, ok := s.stalled(i, at); ok {
-				time.Sleep(end - at)
+			d := time.Duration(float64(w.size[req]) * s.slowdown(i, at) * float64(time.Millisecond))
+			if s.straggles(i, req, n) {
+				d = time.Duration(float64(d) * s.straggleBy)
 			}
-			time.Sleep(time.Duration(float64(w.size[req]) * s.slowdown(i, at) * float64(time.Millisecond)))
+			if end, ok := s.stalled(i, at); ok {
+				d += end - at
+			}
+			if !hedged { // a plain sleep, as before hedging was measured
+				time.Sleep(d)
+			} else if !sleepCtx(ctx, d) {
+				return 0, context.Cause(ctx) // it lost: it stops, as a Func that honours its ctx does
+			}
+			ran[req].Store(int32(i)) // the winner, if the other copy ran
 			return req, nil
 		}
 	}
@@ -547,10 +575,14 @@ func offerRun(t testing.TB, s scenario, w workload, name string) *run {
 	stop := make(chan struct{})
 	var sampled sync.WaitGroup
 	switch name {
-	case "count", "estimate", noEjection:
-		b, err := balancer.New(0, serve(0), balancer.WithQueueDepth(s.depth),
+	case "count", "estimate", noEjection, hedging:
+		opts := []balancer.Option{balancer.WithQueueDepth(s.depth),
 			balancer.WithConcurrency(s.concurrency), balancer.WithLoadEstimate(name != "count"),
-			balancer.WithEjection(name != noEjection), balancer.WithRetry(max(s.retry, 1)))
+			balancer.WithEjection(name != noEjection), balancer.WithRetry(max(s.retry, 1))}
+		if hedged {
+			opts = append(opts, balancer.WithHedge(0.95, 0))
+		}
+		b, err := balancer.New(0, serve(0), opts...)
 		require.NoError(t, err)
 		for i := range s.workers {
 			_, err := b.AddWorker(serve(i))
@@ -597,8 +629,24 @@ func offerRun(t testing.TB, s scenario, w workload, name string) *run {
 	if lb != nil {
 		r.stats = lb.Stats()
 	}
-	require.NoError(t, d.Close())
+	require.NoError(t, d.Close()) // after every attempt
+	for i := range who {
+		who[i] = int(ran[i].Load())
+	}
 	return r
+}
+
+// sleepCtx sleeps for d unless ctx ends first, and reports whether it
+// slept it all.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // unbounded is the queue per slot of the dispatchers that pick a worker at
@@ -1101,6 +1149,96 @@ func TestFaultQuality(t *testing.T) {
 			}
 			fmt.Printf("| %s | %s | %.1f | %.1f | %.1f | %.2f %% | %.2f %% | %s | %s |\n", s.name, name,
 				ms(g.q[0]), ms(g.q[1]), ms(g.q[2]), 100*g.share, 100*g.failed, ej, after)
+		}
+	}
+}
+
+// hedging is the hedge table's dispatcher: the balancer with
+// WithHedge(0.95, 0), whose Funcs honour their ctx.
+const hedging = "estimate, hedging"
+
+// hedgeScenarios are the rows of the hedge table.
+func hedgeScenarios() []scenario {
+	even := scenario{workers: 8, concurrency: 1, depth: 1}
+	var all []scenario
+	add := func(name string, base scenario, loads ...float64) { all = atLoads(all, name, base, loads...) }
+	stragglers := even
+	stragglers.straggle, stragglers.straggleBy = 0.01, 20
+	add("1 % of attempts take 20× as long", stragglers, 0.5)
+	add("4 of capacity 4, one stops for 3 s", scenario{workers: 4, concurrency: 4, depth: 1, stallAt: 2 * time.Second, stallFor: 3 * time.Second}, 0.5)
+	add("equal", even, 0.7, 0.9)
+	slow2 := even
+	slow2.slow, slow2.factor = 2, 4
+	add("2 of 8 4× slower", slow2, 0.7)
+	return all
+}
+
+// hedgeFigures are one dispatcher's figures in one hedge scenario.
+type hedgeFigures struct {
+	q         [3]time.Duration // p50, p99, p99.9 (see quantiles)
+	p95, most time.Duration    // of the requests in the window
+	extra     float64          // attempts beyond the first per request
+	stats     balancer.Stats
+}
+
+// measureHedges replays one seeded workload of n requests to each
+// dispatcher and returns each one's figures; noStall is the balancer
+// without hedging on the workload without the stall.
+func measureHedges(t *testing.T, s scenario, names []string, seed uint64, n int) map[string]hedgeFigures {
+	w := newWorkload(s, seed, n)
+	f := map[string]hedgeFigures{}
+	for _, name := range names {
+		sc, d := s, name
+		if name == noStall {
+			sc.stallFor, d = 0, "estimate"
+		}
+		var r *run
+		synctest.Test(t, func(t *testing.T) { r = offerRun(t, sc, w, d) })
+		g := hedgeFigures{q: quantiles(s, w, r.lat), stats: r.stats}
+		var in []time.Duration
+		var extra float64
+		for i, at := range w.at {
+			extra += float64(r.attempts[i].Load() - 1)
+			if s.window(at) {
+				in = append(in, r.lat[i])
+			}
+		}
+		slices.Sort(in)
+		g.p95, g.most = in[int(0.95*float64(len(in)-1))], in[len(in)-1]
+		g.extra = extra / float64(len(w.at))
+		f[name] = g
+	}
+	return f
+}
+
+// TestHedgeQuality prints the hedge table: each hedge scenario with and
+// without hedging, the same arrivals, sizes and stragglers for both, in
+// fake time. Like TestBalanceQuality it runs when BALANCER_QUALITY sets
+// the requests per row, BALANCER_QUALITY_SEED replays a seed and
+// BALANCER_QUALITY_ONLY picks scenarios.
+func TestHedgeQuality(t *testing.T) {
+	n, seed, only := qualityRun(t, "the hedge table")
+	fmt.Println("| scenario | load | dispatcher | p50 ms | p99 ms | p99.9 ms | slowest ms | p99 ÷ without | p99.9 ÷ without | extra attempts | hedges (won) |")
+	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
+	for _, s := range hedgeScenarios() {
+		if !only.MatchString(fmt.Sprintf("%s %.2g", s.name, s.load)) {
+			continue
+		}
+		names := []string{"estimate", hedging}
+		if s.stallFor > 0 {
+			names = append(names, noStall)
+		}
+		f := measureHedges(t, s, names, seed, n)
+		for _, name := range names {
+			g := f[name]
+			fmt.Printf("| %s | %.2g | %s | %.1f | %.1f | %.1f | %.1f | %.3f | %.3f | %.2f %% | %d (%d) |\n", s.name, s.load, name,
+				ms(g.q[0]), ms(g.q[1]), ms(g.q[2]), ms(g.most),
+				float64(g.q[1])/float64(f["estimate"].q[1]), float64(g.q[2])/float64(f["estimate"].q[2]),
+				100*g.extra, g.stats.Hedges, g.stats.HedgeWins)
+		}
+		if s.stallFor > 0 {
+			fmt.Printf("| %s | %.2g | healthy p95 %.1f ms: slowest ÷ it, with hedging %.2f, without %.2f | | | | | | | | |\n", s.name, s.load,
+				ms(f[noStall].p95), float64(f[hedging].most)/float64(f[noStall].p95), float64(f["estimate"].most)/float64(f[noStall].p95))
 		}
 	}
 }

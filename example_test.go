@@ -444,7 +444,7 @@ func ExampleStats_LogValue() {
 	defer b.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
 	logger.Info("pool", "stats", b.Stats())
-	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.retries=0 stats.budget_refusals=0 stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 stats.workers.0.retries=0
+	// Output: level=INFO msg=pool stats.accepted=0 stats.pending=0 stats.completed=0 stats.failed=0 stats.panics=0 stats.waiting=0 stats.mean_wait=0s stats.total_wait=0s stats.ejected=0 stats.ejections=0 stats.probes=0 stats.probe_failures=0 stats.retries=0 stats.hedges=0 stats.hedge_wins=0 stats.budget_refusals=0 stats.workers.0.concurrency=1 stats.workers.0.running=0 stats.workers.0.queued=0 stats.workers.0.completed=0 stats.workers.0.failed=0 stats.workers.0.panics=0 stats.workers.0.mean_service=0s stats.workers.0.mean_wait=0s stats.workers.0.total_wait=0s stats.workers.0.weight=1 stats.workers.0.removed=false stats.workers.0.failure_rate=0 stats.workers.0.streak=0 stats.workers.0.ejected=false stats.workers.0.ejections=0 stats.workers.0.retries=0 stats.workers.0.hedges=0
 }
 
 // ExampleWorkerStats_LogValue logs one worker's figures.
@@ -456,7 +456,7 @@ func ExampleWorkerStats_LogValue() {
 	defer b.Close()
 	logger := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: withoutTime}))
 	logger.Info("worker", "w", b.Stats().Workers[0])
-	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false w.failure_rate=0 w.streak=0 w.ejected=false w.ejections=0 w.retries=0
+	// Output: level=INFO msg=worker w.concurrency=1 w.running=0 w.queued=0 w.completed=0 w.failed=0 w.panics=0 w.mean_service=0s w.mean_wait=0s w.total_wait=0s w.weight=1 w.removed=false w.failure_rate=0 w.streak=0 w.ejected=false w.ejections=0 w.retries=0 w.hedges=0
 }
 
 // withoutTime drops slog's time attribute, so that the output repeats.

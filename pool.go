@@ -22,6 +22,7 @@ type sched[Req, Res any] struct {
 	pool     pool[Req, Res]
 	estimate bool         // WithLoadEstimate, on by default
 	eject    bool         // WithEjection, on by default
+	hedging  bool         // WithHedge: attempts that lost to their hedge count in the workers' ages (see oldest)
 	clock    func() int64 // b.now: read only when a decision needs the time
 	seq      int64        // dispatch sequence number
 
@@ -246,6 +247,9 @@ func (s *sched[Req, Res]) costAt(w *worker[Req, Res], now int64) float64 {
 	if now != 0 && t > 0 { // with no estimate at all, the count rule stands
 		t = max(t, float64(w.oldest(now)))
 	}
+	if s.hedging && t > 0 {
+		t = max(t, s.lost(w))
+	}
 	t *= w.mult // before key rounds it: a few failures are noise too
 	w.lastKey = s.key(w, t)
 	return float64(w.pending+w.concurrency) * w.lastKey / float64(w.concurrency)
@@ -396,6 +400,20 @@ const (
 	bucket        = 1.5
 	equalFloor    = holdFloor
 )
+
+// lost returns, with WithHedge, the age of w's latest attempt that was
+// cancelled because its hedge won, past the hedge delay, if w has ended no
+// attempt that counts since, within its patience; else 0. Its cost counts
+// it as a time w takes at least: cancelling a straggler says nothing of
+// its worker's speed, so it is no sample of it, but it must not make a
+// stalled worker look idle and fast, and win it the next request.
+func (s *sched[Req, Res]) lost(w *worker[Req, Res]) float64 {
+	age := w.lostAge.Load()
+	if age == 0 || s.now-w.lostAt.Load() > w.patience {
+		return 0
+	}
+	return float64(age)
+}
 
 // oldest returns the age at now of the oldest request w's slots are
 // running, or 0.
@@ -803,12 +821,17 @@ func (s *sched[Req, Res]) mayHold() bool {
 }
 
 // rootTime is the root's expected time for one more request: its cost
-// before key rounds it (see costAt), its failures counted.
+// before key rounds it (see costAt), its failures counted, and with
+// WithHedge the age of an attempt of it that lost to its hedge (see
+// lost).
 func (s *sched[Req, Res]) rootTime() float64 {
 	w := s.pool.root()
 	t := float64(w.service.Load()) // the peak average: the hold-back reacts to a slowdown at once
 	if t == 0 {
 		t = s.ref / w.weight
+	}
+	if s.hedging {
+		t = max(t, s.lost(w))
 	}
 	if w.health.Load() != 0 {
 		t *= s.penalty(w)
@@ -1136,8 +1159,25 @@ func (s *sched[Req, Res]) untried(tried []int) (best *worker[Req, Res], any bool
 	return at.w, true
 }
 
+// spare returns the cheapest worker in the heap with a free slot (fewer
+// requests pending than its concurrency) whose ID is not in tried, or nil.
+// O(n): it serves hedges only.
+func (s *sched[Req, Res]) spare(tried []int) *worker[Req, Res] {
+	var at *slot[Req, Res]
+	for i := range s.pool.slots {
+		sl := &s.pool.slots[i]
+		if sl.w.pending < sl.w.concurrency && (at == nil || sl.before(at)) && !slices.Contains(tried, sl.w.id) {
+			at = sl
+		}
+	}
+	if at == nil {
+		return nil
+	}
+	return at.w
+}
+
 // dispatchTo records one more request at w, which is in the heap and has
-// room: a retry, which untried chose.
+// room: a retry, which untried chose, or a hedge, which spare chose.
 func (s *sched[Req, Res]) dispatchTo(w *worker[Req, Res]) {
 	w.pending++
 	w.silent++

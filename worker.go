@@ -22,7 +22,8 @@ type request[Req, Res any] struct {
 	keep  bool                     // reply is Do's pooled channel: leave it open for reuse
 	probe bool                     // the request is its ejected worker's probe (see sched.eject)
 	eager bool                     // it came through TrySubmit: a retry of it never waits for room
-	again *retry[Req, Res]         // its earlier attempts, if it is being tried again (see WithRetry)
+	hedge bool                     // it is its flight's hedge: a copy sent while another attempt runs (see WithHedge)
+	fl    *flight[Req, Res]        // what its attempts share, if it may have more than one at a time or has had one
 	cmd   *command[Req, Res]       // not a request but a command for the loop (see Balancer.command)
 	at    int64                    // b.now() when it started to wait for a slot; 0 if it has not waited
 	batch chan<- indexed[Req, Res] // instead of reply, for All: shared, with room for every request in flight
@@ -127,9 +128,16 @@ type worker[Req, Res any] struct {
 	panics    atomic.Uint64
 	ejections atomic.Uint64 // written by the loop
 	ranAgain  atomic.Uint64 // attempts it took that another worker had run before (see WithRetry)
+	hedges    atomic.Uint64 // hedges it took: copies of requests another worker was running (see WithHedge)
 	retiredAt atomic.Uint64 // the generation of the roster that retired it; 0 before (see roster)
 	outUntil  atomic.Int64  // while ejected, when its ejection ends; 0 in service; the loop writes it
 	onTrial   atomic.Bool   // its probe is out; the loop writes it
+
+	// With WithHedge, the run time and end of its latest attempt that lost
+	// to its hedge after the hedge delay, since it last ended an attempt
+	// that counts; lostAge is 0 if none (see sched.lost). Its slots write
+	// them.
+	lostAge, lostAt atomic.Int64
 
 	// Its health, written by its slots (see account), read by the loop.
 	streak     atomic.Int64  // Failures in a row
@@ -213,18 +221,26 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 	}
 	observeWait(w, wait)
 	res := Result[Req, Res]{Req: r.req, Worker: w.id}
-	if r.again != nil {
-		res.Attempts = len(r.again.tried)
-		w.ranAgain.Add(1)
-	}
 	class := Ignore // not run: the outcome says nothing about the worker
 	switch {
 	case w.b.abortCtx.Err() != nil:
 		res.Err = ErrClosed // Shutdown gave up waiting before r started
 	case r.ctx.Err() != nil:
 		res.Err = r.ctx.Err() // its caller no longer wants it
+	case r.fl == nil:
+		res.Attempts = 1
+		class = w.call(slot, start, r, &res)
 	default:
-		res.Attempts++
+		before, ok := r.fl.start()
+		if !ok { // another attempt won before this one started
+			break
+		}
+		switch {
+		case r.hedge:
+			w.hedges.Add(1)
+		case before > 0:
+			w.ranAgain.Add(1)
+		}
 		class = w.call(slot, start, r, &res)
 	}
 	w.finish(slot, r, res, class)
@@ -239,11 +255,23 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 	if w.b.hooks != nil && w.b.hooks.run != nil {
 		w.b.hooks.run()
 	}
-	ctx, cancel := w.b.runContext(r.ctx)
+	var ctx context.Context
+	var cancel context.CancelCauseFunc
+	if h := w.b.hedging; h != nil {
+		// Every attempt has a context of its own, which the attempt
+		// that wins cancels (see flight.end).
+		ctx, cancel = context.WithCancelCause(r.ctx)
+		r.fl.cancels[r.copy()].Store(cancel)
+	} else {
+		ctx, cancel = w.b.runContext(r.ctx)
+	}
 	if cancel != nil {
 		w.runners[i].cancel.Store(cancel)
 		if w.b.abortCtx.Err() != nil { // Shutdown may have looked at the runner before the store
 			cancel(ErrClosed)
+		}
+		if r.fl != nil && r.fl.done() { // the winner may have looked before the store
+			cancel(ErrHedgeLost)
 		}
 	}
 	returned := false
@@ -273,6 +301,27 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 	class = Success
 	if res.Err != nil || w.b.classify != nil { // the common case without a call
 		class = w.b.classOf(r.ctx, res.Value, res.Err)
+	}
+	if h := w.b.hedging; h != nil {
+		at := end - r.fl.sentAt[r.copy()] // its time at this worker
+		switch {
+		case r.fl.done(): // it lost: neither a failure nor a speed
+			class = Ignore
+			if at >= r.fl.delay {
+				// Cancelled past the hedge's delay, it took at least
+				// that: for the quantile, all that counts.
+				h.record(at)
+				w.lostAge.Store(end - start)
+				w.lostAt.Store(end)
+			}
+		case class == Success:
+			h.record(at)
+			fallthrough
+		default:
+			if w.lostAge.Load() != 0 {
+				w.lostAge.Store(0)
+			}
+		}
 	}
 	switch class {
 	case Success:
@@ -307,8 +356,15 @@ func (b *Balancer[Req, Res]) classOf(ctx context.Context, v Res, err error) Clas
 // are final, and the loop sees the health each completion left.
 func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req, Res], c Class) {
 	w.runners[slot].since.Store(0)
-	again := w.b.attempts > 1 && w.retries(r, &res, c)
-	if res.Err != nil {
+	v := deliver
+	if f := r.fl; f != nil {
+		res.Attempts = f.runs()
+		again := w.b.attempts > 1 && w.retries(r, &res, c)
+		v, res.Attempts = f.end(c == Success, again)
+	} else if w.b.attempts > 1 && w.retries(r, &res, c) {
+		v = handBack
+	}
+	if res.Err != nil && v != lost {
 		w.failed.Add(1)
 	}
 	if c != Success || r.probe || w.streak.Load() != 0 || w.health.Load() != 0 { // a healthy worker's success changes nothing
@@ -319,13 +375,24 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	// The slot is reported before the result is delivered, so a caller
 	// who has its result and submits again finds the slot free; and a
 	// loop woken by the report runs after the caller (see loop).
-	if again {
+	switch v {
+	case handBack:
 		w.handBack(r, res) // before the report: the loop takes it with the completion
 		w.b.report(w)
-		return
+	case lost, wait:
+		w.b.report(w)
+	case win: // another copy still runs: it lost
+		if cancel, ok := r.fl.cancels[1-r.copy()].Load().(context.CancelCauseFunc); ok {
+			cancel(ErrHedgeLost)
+		}
+		fallthrough
+	default:
+		if r.hedge && c == Success {
+			w.b.hedgeWins.Add(1)
+		}
+		w.b.report(w)
+		r.deliver(res)
 	}
-	w.b.report(w)
-	r.deliver(res)
 }
 
 // retries reports whether r, whose attempt here ended with res of class
@@ -358,29 +425,141 @@ func (w *worker[Req, Res]) retries(r request[Req, Res], res *Result[Req, Res], c
 // handBack gives r, whose attempt here ended with res, to the loop to try
 // again elsewhere.
 func (w *worker[Req, Res]) handBack(r request[Req, Res], res Result[Req, Res]) {
-	a := r.again
-	if a == nil {
-		a = &retry[Req, Res]{}
+	f := r.fl
+	if f == nil { // its first attempt had none: make it, as the loop would have (see flight)
+		f = &flight[Req, Res]{}
+		f.state.Store(flightRun) // one run, none live
+		r.fl = f
+		f.r = r
+		f.tried = append(f.buf[:0], w.id)
 	}
-	r.again, r.probe, r.at = nil, false, 0
-	a.r, a.last = r, res
-	a.tried = append(a.tried, w.id)
+	f.last = res
 	for {
 		top := w.b.retried.Load()
-		a.next = top
-		if w.b.retried.CompareAndSwap(top, a) {
+		f.next = top
+		if w.b.retried.CompareAndSwap(top, f) {
 			return
 		}
 	}
 }
 
-// retry is a request a worker handed back to be tried again, with what
-// its attempts left behind.
-type retry[Req, Res any] struct {
-	r     request[Req, Res]
-	last  Result[Req, Res] // the latest attempt's outcome
-	tried []int            // IDs of the workers that ran it
-	next  *retry[Req, Res] // link in b.retried
+// flight is what the attempts of one request share when it may have
+// more than one: with WithHedge, the loop makes it at the first dispatch;
+// with WithRetry alone, the first attempt's worker makes it when it hands
+// the request back (see handBack). Its state is one atomic word, which the
+// slots and the loop change with compare-and-swap: the runs started, the
+// attempts live (sent and not ended) and whether the outcome is decided.
+// At most two attempts are live at once, the request's latest (copy 0) and
+// its hedge (copy 1), so each has a place in sentAt and cancels.
+type flight[Req, Res any] struct {
+	r     request[Req, Res] // the request as first sent, fl included; the loop sends copies of it
+	state atomic.Uint32
+	// Written by a slot as it hands the request back (see handBack),
+	// read by the loop after it takes it from b.retried.
+	last Result[Req, Res]  // the latest attempt's outcome
+	next *flight[Req, Res] // link in b.retried
+	// cancels holds each copy's context.CancelCauseFunc, stored by its slot
+	// as it starts, for the winner to cancel the other (see finish).
+	cancels [2]atomic.Value
+	// Written by the loop before it sends an attempt, read by that
+	// attempt's slot: when each copy was sent (b.now()), and the hedge
+	// delay when the hedge went.
+	sentAt [2]int64
+	delay  int64
+	// The loop's.
+	tried  []int  // the workers it was sent to, by ID
+	buf    [2]int // tried's first array
+	sends  int    // attempts sent, to tell a hedge deadline from an older one's (see hedger)
+	hedged bool   // its hedge was sent: it gets one
+}
+
+// The fields of flight.state.
+const (
+	flightRun  = 1       // runs started, in the low byte
+	flightLive = 1 << 8  // attempts live, in the next
+	flightDone = 1 << 16 // the outcome is decided: the request has it or is getting it
+)
+
+// runs returns the runs started so far.
+func (f *flight[Req, Res]) runs() int { return int(f.state.Load() & 0xff) }
+
+// done reports whether the request's outcome is decided.
+func (f *flight[Req, Res]) done() bool { return f.state.Load()&flightDone != 0 }
+
+// start counts one more run and returns the runs before it, unless the
+// outcome is decided: then the attempt must not run.
+func (f *flight[Req, Res]) start() (before int, ok bool) {
+	for {
+		s := f.state.Load()
+		if s&flightDone != 0 {
+			return 0, false
+		}
+		if f.state.CompareAndSwap(s, s+flightRun) {
+			return int(s & 0xff), true
+		}
+	}
+}
+
+// join counts a hedge live, unless the outcome is decided or no attempt is
+// live (it is between attempts, or its last is being handed back): a
+// hedge joins a running attempt or none. The loop calls it.
+func (f *flight[Req, Res]) join() bool {
+	for {
+		s := f.state.Load()
+		if s&flightDone != 0 || s&(0xff<<8) == 0 {
+			return false
+		}
+		if f.state.CompareAndSwap(s, s+flightLive) {
+			return true
+		}
+	}
+}
+
+// A verdict is what an attempt's end does with its outcome (see end).
+type verdict uint8
+
+const (
+	deliver  verdict = iota // the request's outcome
+	win                     // the request's outcome, and the other copy lost: cancel it
+	wait                    // dropped: the other copy, still live, decides
+	lost                    // dropped: the outcome was decided before
+	handBack                // the request goes to the loop to be tried again
+)
+
+// end ends one live attempt, which succeeded or not and which the
+// retry rules would try again, and returns the verdict on its outcome and
+// the runs as of the verdict. The first success decides; a failure waits
+// for the other copy if it is live, and otherwise decides, unless it is
+// tried again.
+func (f *flight[Req, Res]) end(success, again bool) (verdict, int) {
+	for {
+		s := f.state.Load()
+		if s&flightDone != 0 {
+			return lost, int(s & 0xff)
+		}
+		v, next := deliver, s-flightLive
+		switch {
+		case success && next&(0xff<<8) != 0:
+			v, next = win, next|flightDone
+		case next&(0xff<<8) != 0:
+			v = wait
+		case again:
+			v = handBack
+		default:
+			next |= flightDone
+		}
+		if f.state.CompareAndSwap(s, next) {
+			return v, int(s & 0xff)
+		}
+	}
+}
+
+// copy is r's place in its flight: 1 for the hedge, 0 for the rest.
+func (r request[Req, Res]) copy() int {
+	if r.hedge {
+		return 1
+	}
+	return 0
 }
 
 // Stats is a snapshot of a Balancer's load and history. Each figure is read
@@ -407,9 +586,12 @@ type Stats struct {
 	Ejections, Probes, ProbeFailures uint64
 	Ejected                          int
 	// Retries counts the extra attempts sent to another worker (see
-	// WithRetry), and BudgetRefusals the retries the budget refused.
-	// Each attempt counts in Completed (and Failed) at its worker.
-	Retries, BudgetRefusals uint64
+	// WithRetry), Hedges the copies sent while an attempt ran (see
+	// WithHedge) and HedgeWins the hedges whose success was the request's
+	// outcome; BudgetRefusals the retries and hedges the budget refused.
+	// Each attempt counts in Completed at its worker, and in Failed if it
+	// failed, unless it lost to its other copy.
+	Retries, Hedges, HedgeWins, BudgetRefusals uint64
 	// Waiting counts the requests in front of the balancer, not yet
 	// given to a worker: callers waiting in Do or Submit because every
 	// worker is full (or held back for a faster one, see
@@ -469,8 +651,9 @@ type WorkerStats struct {
 	Probing      bool
 	Ejections    uint64
 	// Retries counts the attempts it ran of requests another worker had
-	// run before (see WithRetry).
-	Retries uint64
+	// run before (see WithRetry), and Hedges the copies it ran of
+	// requests another worker was running (see WithHedge).
+	Retries, Hedges uint64
 }
 
 // Stats returns a snapshot of the balancer's figures. It never blocks, and
@@ -515,6 +698,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 			Probing:     w.onTrial.Load(),
 			Ejections:   w.ejections.Load(),
 			Retries:     w.ranAgain.Load(),
+			Hedges:      w.hedges.Load(),
 		}
 		if until := w.outUntil.Load(); until != 0 {
 			ws.Ejected, ws.EjectedUntil = true, b.epoch.Add(time.Duration(until-1))
@@ -538,6 +722,7 @@ func (b *Balancer[Req, Res]) Stats() Stats {
 	s.Waiting = int(b.waiting.Load() + b.queued.Load())
 	s.Ejections, s.Probes, s.ProbeFailures = b.sched.ejections.Load(), b.sched.probes.Load(), b.sched.probeFailures.Load()
 	s.Retries, s.BudgetRefusals = b.retries.Load(), b.refusals.Load()
+	s.Hedges, s.HedgeWins = b.hedges.Load(), b.hedgeWins.Load()
 	return s
 }
 
@@ -549,8 +734,8 @@ func (s Stats) String() string {
 	if s.Ejections > 0 {
 		fmt.Fprintf(&b, ", %d ejected now, %d ejections, %d probes (%d failed)", s.Ejected, s.Ejections, s.Probes, s.ProbeFailures)
 	}
-	if s.Retries > 0 || s.BudgetRefusals > 0 {
-		fmt.Fprintf(&b, ", %d retries (%d refused by the budget)", s.Retries, s.BudgetRefusals)
+	if s.Retries > 0 || s.Hedges > 0 || s.BudgetRefusals > 0 {
+		fmt.Fprintf(&b, ", %d retries, %d hedges (%d won), %d refused by the budget", s.Retries, s.Hedges, s.HedgeWins, s.BudgetRefusals)
 	}
 	for _, w := range s.Workers {
 		b.WriteString("; ")
@@ -586,6 +771,9 @@ func (w WorkerStats) String() string {
 	if w.Retries > 0 {
 		fmt.Fprintf(&b, ", %d retries", w.Retries)
 	}
+	if w.Hedges > 0 {
+		fmt.Fprintf(&b, ", %d hedges", w.Hedges)
+	}
 	if w.Removed {
 		b.WriteString(", removed")
 	}
@@ -613,6 +801,8 @@ func (s Stats) LogValue() slog.Value {
 		slog.Uint64("probes", s.Probes),
 		slog.Uint64("probe_failures", s.ProbeFailures),
 		slog.Uint64("retries", s.Retries),
+		slog.Uint64("hedges", s.Hedges),
+		slog.Uint64("hedge_wins", s.HedgeWins),
 		slog.Uint64("budget_refusals", s.BudgetRefusals),
 		slog.Attr{Key: "workers", Value: slog.GroupValue(workers...)},
 	)
@@ -640,7 +830,7 @@ func (w WorkerStats) LogValue() slog.Value {
 	if w.Ejected {
 		attrs = append(attrs, slog.Time("ejected_until", w.EjectedUntil), slog.Bool("probing", w.Probing))
 	}
-	return slog.GroupValue(append(attrs, slog.Uint64("ejections", w.Ejections), slog.Uint64("retries", w.Retries))...)
+	return slog.GroupValue(append(attrs, slog.Uint64("ejections", w.Ejections), slog.Uint64("retries", w.Retries), slog.Uint64("hedges", w.Hedges))...)
 }
 
 var (
