@@ -1372,10 +1372,8 @@ func (b *Balancer[Req, Res]) loop() {
 			case <-expired:
 				b.timing = false
 				b.sched.expire()
-			case <-hedge:
-				b.hedging.armed = 0
-				b.takeCompletions()
-				b.hedgeDue()
+			case <-hedge: // after drain, if it leaves room (see below)
+				b.hedging.armed, b.hedging.fired = 0, true
 			}
 			b.sleeping.Store(false)
 			b.idle.Store(false)
@@ -1385,15 +1383,17 @@ func (b *Balancer[Req, Res]) loop() {
 			if h.armed != 0 { // busy, the loop may not reach its select for a while
 				select {
 				case <-h.timer.C:
-					h.armed = 0
-					b.hedgeDue()
+					h.armed, h.fired = 0, true
 				default:
 				}
 			}
-			if len(h.late) > 0 && !b.callersWait() {
-				b.hedgeLate()
+			// Only once drain has dispatched every request waiting and
+			// left room, or nobody waits: hedges take spare capacity
+			// only.
+			if (h.fired || len(h.late) > 0) && (ready || b.line == nil && b.waiting.Load()+b.queued.Load() == 0) {
+				b.hedgeDue()
+				ready = b.ready()
 			}
-			ready = b.ready()
 		}
 		if b.took > 1 { // a burst
 			b.lone = 0
@@ -1959,7 +1959,8 @@ type hedger[Req, Res any] struct {
 	scratch []int64              // delay's computation's, kept
 	due     []deadline[Req, Res] // a queue, from head: deadlines in the order set, which is that of their times but for a change of delay
 	head    int
-	late    []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeLate)
+	late    []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeDue)
+	fired   bool                 // timer fired: some deadline may have passed
 	timer   *time.Timer
 	armed   int64 // what timer is set for, 0 if not set
 }
@@ -2069,16 +2070,30 @@ func (h *hedger[Req, Res]) arm(now int64) {
 	h.armed = at
 }
 
-// hedgeDue hedges each attempt whose deadline has passed and that may be
-// hedged (see hedge), and sets the timer for the next deadline.
+// hedgeDue hedges, while there is spare capacity, the attempts whose
+// hedge had to wait for some, oldest first, and then each whose deadline
+// has passed (see hedge); those left wait in late. Then it sets the timer
+// for the next deadline. The loop calls it when no request waits.
 func (b *Balancer[Req, Res]) hedgeDue() {
 	h := b.hedging
+	h.fired = false
 	now := b.now()
+	spare := true
+	kept := h.late[:0]
+	for _, d := range h.late {
+		if !spare || !b.hedge(d, now) {
+			spare = false // the rest would find none either
+			kept = append(kept, d)
+		}
+	}
+	clear(h.late[len(kept):])
+	h.late = kept
 	for h.head < len(h.due) && h.due[h.head].at < now {
 		d := h.due[h.head]
 		h.due[h.head] = deadline[Req, Res]{} // keep no flight alive
 		h.head++
-		if !b.hedge(d, now) {
+		if !spare || !b.hedge(d, now) {
+			spare = false
 			h.late = append(h.late, d)
 		}
 	}
@@ -2095,14 +2110,14 @@ func (b *Balancer[Req, Res]) hedgeDue() {
 // attempt is still its latest and live, it has no hedge yet and may run
 // again, the loop is not closing and the budget allows; it reports
 // whether d is settled: false if the hedge must wait for spare capacity,
-// because callers wait or no such worker has a free slot (see hedgeLate).
+// because retries wait for some or no such worker has a free slot.
 func (b *Balancer[Req, Res]) hedge(d deadline[Req, Res], now int64) bool {
 	f := d.f
 	s := f.state.Load()
-	if s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || b.closing || int(s&0xff) >= max(b.attempts, 2) {
+	if s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || b.closing || f.sends >= max(b.attempts, 2) { // sends, not runs: one may not have started
 		return true
 	}
-	if b.callersWait() {
+	if b.line != nil || len(b.again) > 0 {
 		return false
 	}
 	w := b.sched.spare(f.tried)

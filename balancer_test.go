@@ -2430,7 +2430,7 @@ type stress struct {
 	seed     int64
 	requests int
 	depth    int
-	retry    bool           // the round retries: a request may run on several workers, once on each
+	retry    bool           // the round retries or hedges: a request may run on several workers, once on each
 	ran      []atomic.Int32 // times the Func ran for request i
 	kindOf   []int
 	results  []<-chan Result[int, int] // nil if refused
@@ -2480,6 +2480,10 @@ func (st *stress) run(t *testing.T) {
 		st.retry = true
 		opts = append(opts, WithRetry(3), WithRetryOn(func(_ int, err error) bool { return errors.Is(err, errStress) }))
 	}
+	if st.seed%5 == 1 || st.seed%5 == 2 { // hedge at the median: often, racing every other event
+		st.retry = true
+		opts = append(opts, WithHedge(0.5, 0), WithConcurrency(16)) // slots to spare, or nothing is hedged
+	}
 	switch st.seed % 3 {
 	case 0:
 		opts = append(opts, WithEjection(false))
@@ -2511,6 +2515,7 @@ func (st *stress) run(t *testing.T) {
 	st.kinds["ejections"] += int(s.Ejections)
 	st.kinds["probes"] += int(s.Probes)
 	st.kinds["retries"] += int(s.Retries)
+	st.kinds["hedges"] += int(s.Hedges)
 }
 
 // submitter sends requests until they run out or the balancer closes.
@@ -2783,10 +2788,10 @@ func (st *stress) check(t *testing.T, b *Balancer[int, int]) {
 	}
 	// A Do that returned its ctx's error or ErrClosed may or may not have
 	// been accepted, and may have failed or panicked after it returned.
-	// With retries, each attempt counts in Completed, and Failed and
-	// Panics count attempts too.
+	// With retries and hedges, each attempt counts in Completed, and
+	// Failed and Panics count attempts too.
 	s := b.Stats()
-	extra := s.Retries
+	extra := s.Retries + s.Hedges
 	assert.Equal(t, s.Accepted+extra, s.Completed, "accepted, retried and completed")
 	assert.GreaterOrEqual(t, s.Completed, completed, "completed")
 	assert.LessOrEqual(t, s.Completed, completed+uncertain+extra, "completed")
