@@ -4206,6 +4206,13 @@ func mustSubmit(t *testing.T, b *Balancer[int, int], i int) <-chan Result[int, i
 	return c
 }
 
+func mustSubmitCtx(t *testing.T, b *Balancer[int, int], ctx context.Context, i int) <-chan Result[int, int] {
+	t.Helper()
+	c, err := b.Submit(ctx, i)
+	require.NoError(t, err)
+	return c
+}
+
 func TestEjectionAndProbe(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var down atomic.Bool
@@ -5200,4 +5207,239 @@ func (g *loopGate) race(t *testing.T, b *Balancer[int, int], req int, complete f
 	close(g.resume)
 	synctest.Wait()
 	return res
+}
+
+// hedgePool is a balancer with WithHedge(0.95, 0) whose Funcs take 10 ms,
+// but for the attempts stall picks, which run until stall returns or
+// their ctx ends, and which it records. warm gives it its 100 successes.
+type hedgePool struct {
+	b     *Balancer[int, int]
+	mu    sync.Mutex
+	stall func(worker, req, n int) (hang bool, err error) // the n-th run of req (from 1)
+	runs  map[int]int                                     // per request
+	log   []string                                        // what the hung attempts saw, in order
+}
+
+func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
+	p := &hedgePool{runs: map[int]int{}, stall: func(int, int, int) (bool, error) { return false, nil }}
+	var specs []WorkerSpec[int, int]
+	for i := range workers {
+		specs = append(specs, WorkerSpec[int, int]{Func: func(ctx context.Context, req int) (int, error) {
+			p.mu.Lock()
+			p.runs[req]++
+			hang, err := p.stall(i, req, p.runs[req])
+			p.mu.Unlock()
+			if hang {
+				<-ctx.Done()
+				p.mu.Lock()
+				p.log = append(p.log, fmt.Sprintf("worker %d, request %d: %v after %v", i, req, context.Cause(ctx), time.Since(p.start())))
+				p.mu.Unlock()
+				return 0, ctx.Err()
+			}
+			time.Sleep(10 * time.Millisecond)
+			return req, err
+		}})
+	}
+	b, err := NewFrom(specs, append([]Option{WithLoadEstimate(false), WithEjection(false), WithHedge(0.95, 0)}, opts...)...)
+	require.NoError(t, err)
+	p.b = b
+	return p
+}
+
+var hedgeEpoch time.Time // in a bubble, when the request under test was made
+
+func (p *hedgePool) start() time.Time { return hedgeEpoch }
+
+// warm runs n requests one after another: n successes of 10 ms.
+func (p *hedgePool) warm(t *testing.T, n int) {
+	for i := range n {
+		_, err := p.b.Do(context.Background(), -1-i)
+		require.NoError(t, err)
+	}
+}
+
+func TestHedgeGoesAtTheQuantileAndTheFirstSuccessWins(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 2)
+		defer p.b.Close()
+		p.warm(t, 100) // p95 = 10 ms
+		p.stall = func(w, req, n int) (bool, error) { return req == 7 && n == 1, nil }
+		hedgeEpoch = time.Now()
+		res := <-mustSubmit(t, p.b, 7)
+		took := time.Since(hedgeEpoch)
+		require.NoError(t, res.Err)
+		assert.Equal(t, 7, res.Value)
+		assert.Equal(t, 2, res.Attempts)
+		// Hedged 1 ns past 10 ms (longer than the quantile), done 10 ms later.
+		assert.Equal(t, 20*time.Millisecond+time.Nanosecond, took)
+		first := 0 // the hung attempt's worker: the one the hedge did not go to
+		if res.Worker == 0 {
+			first = 1
+		}
+		synctest.Wait()
+		assert.Equal(t, []string{fmt.Sprintf("worker %d, request 7: %v after %v", first, ErrHedgeLost, took)}, p.log,
+			"the loser is cancelled with ErrHedgeLost as the winner ends")
+		s := p.b.Stats()
+		assert.Equal(t, [3]uint64{1, 1, 0}, [3]uint64{s.Hedges, s.HedgeWins, s.Retries})
+		assert.Equal(t, uint64(1), s.Workers[res.Worker].Hedges)
+		assert.Equal(t, s.Accepted+s.Hedges, s.Completed, "both attempts completed")
+		assert.Zero(t, s.Failed, "the loser's error is not a failure")
+		lost := s.Workers[first]
+		assert.Zero(t, lost.FailureRate)
+		assert.Zero(t, lost.Streak)
+		assert.Equal(t, 10*time.Millisecond, lost.MeanService, "nor a sample of its speed")
+	})
+}
+
+func TestHedgeNeedsHundredSuccesses(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 2)
+		defer p.b.Close()
+		p.warm(t, 99)
+		p.stall = func(w, req, n int) (bool, error) { return req == 7 && n == 1, nil }
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		res := <-mustSubmitCtx(t, p.b, ctx, 7)
+		assert.ErrorIs(t, res.Err, context.DeadlineExceeded, "not hedged: it hung until its ctx ended")
+		assert.Zero(t, p.b.Stats().Hedges)
+		p.warm(t, 1) // the 100th
+		p.stall = func(w, req, n int) (bool, error) { return req == 8 && n == 1, nil }
+		res = <-mustSubmit(t, p.b, 8)
+		assert.NoError(t, res.Err)
+		assert.Equal(t, uint64(1), p.b.Stats().Hedges)
+	})
+}
+
+func TestHedgeErrorWaitsForTheOtherCopy(t *testing.T) {
+	errCopy := errors.New("copy failed")
+	for _, tc := range []struct {
+		name   string
+		second error // the hung attempt's outcome once released
+		want   error
+	}{
+		{"the first succeeds after the copy failed", nil, nil},
+		{"both fail: the last outcome stands", errDown, errDown},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				release := make(chan struct{})
+				p := newHedgePool(t, 2)
+				defer p.b.Close()
+				p.warm(t, 100)
+				var hungOn int
+				// The first attempt waits for release, then takes its 10
+				// ms; the copy fails after its 10 ms.
+				p.stall = func(w, req, n int) (bool, error) {
+					switch {
+					case req != 7:
+						return false, nil
+					case n == 2:
+						return false, errCopy
+					}
+					hungOn = w
+					p.mu.Unlock()
+					<-release
+					p.mu.Lock()
+					return false, tc.second
+				}
+				c := mustSubmit(t, p.b, 7)
+				time.Sleep(25 * time.Millisecond) // the copy went at 10 ms and failed at 20
+				synctest.Wait()
+				select {
+				case res := <-c:
+					t.Fatalf("outcome %v before the first attempt ended", res)
+				default:
+				}
+				close(release)
+				res := <-c
+				assert.Equal(t, 2, res.Attempts)
+				assert.Equal(t, hungOn, res.Worker, "the first attempt's outcome")
+				if tc.want == nil {
+					assert.NoError(t, res.Err)
+				} else {
+					assert.ErrorIs(t, res.Err, tc.want)
+				}
+			})
+		})
+	}
+}
+
+func TestHedgeTakesSpareCapacityOnly(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		busy := make(chan struct{})
+		p := newHedgePool(t, 2)
+		defer p.b.Close()
+		p.warm(t, 100)
+		p.stall = func(w, req, n int) (bool, error) {
+			if req == 9 { // holds the other worker until busy is closed
+				p.mu.Unlock()
+				<-busy
+				p.mu.Lock()
+			}
+			return req == 7 && n == 1, nil
+		}
+		c9 := mustSubmit(t, p.b, 9)
+		hedgeEpoch = time.Now()
+		c7 := mustSubmit(t, p.b, 7)
+		time.Sleep(30 * time.Millisecond)
+		synctest.Wait()
+		assert.Zero(t, p.b.Stats().Hedges, "past its deadline, but no worker has a free slot")
+		close(busy) // request 9 then takes its 10 ms
+		res := <-c7
+		require.NoError(t, res.Err)
+		assert.Equal(t, 2, res.Attempts)
+		assert.Equal(t, 50*time.Millisecond, time.Since(hedgeEpoch), "hedged as request 9's slot freed at 40 ms")
+		assert.NoError(t, (<-c9).Err)
+	})
+}
+
+func TestHedgeWithinTheBudget(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 2, WithRetryBudget(0, 0))
+		defer p.b.Close()
+		p.warm(t, 100)
+		p.stall = func(w, req, n int) (bool, error) { return req == 7 && n == 1, nil }
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		res := <-mustSubmitCtx(t, p.b, ctx, 7)
+		assert.ErrorIs(t, res.Err, context.DeadlineExceeded)
+		s := p.b.Stats()
+		assert.Equal(t, [2]uint64{0, 1}, [2]uint64{s.Hedges, s.BudgetRefusals})
+	})
+}
+
+func TestHedgeShutdownCancelsEveryAttempt(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 2)
+		p.warm(t, 100)
+		p.stall = func(w, req, n int) (bool, error) { return req == 7, nil } // both attempts hang
+		hedgeEpoch = time.Now()
+		c := mustSubmit(t, p.b, 7)
+		time.Sleep(15 * time.Millisecond)
+		synctest.Wait()
+		require.Equal(t, uint64(1), p.b.Stats().Hedges)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		assert.ErrorIs(t, p.b.Shutdown(ctx), context.Canceled)
+		res := <-c
+		assert.ErrorIs(t, res.Err, context.Canceled, "the last attempt's outcome")
+		synctest.Wait()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		assert.Len(t, p.log, 2)
+		for _, l := range p.log {
+			assert.Contains(t, l, ErrClosed.Error())
+		}
+		_, open := <-c
+		assert.False(t, open, "one outcome")
+	})
+}
+
+func TestHedgeOptionsMustFit(t *testing.T) {
+	for _, o := range []Option{WithHedge(0.4, 0), WithHedge(1, 0), WithHedge(math.NaN(), 0), WithHedge(0.95, -time.Nanosecond)} {
+		_, err := New(1, square, o)
+		assert.ErrorIs(t, err, ErrInvalidArgument)
+	}
+	_, err := New(1, square, WithHedge(0.4, 0))
+	assert.ErrorContains(t, err, "0.4")
 }

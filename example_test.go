@@ -1230,3 +1230,46 @@ func ExampleWithRetryBudget() {
 	// 2 connection refused
 	// retries: 1 refused: 2
 }
+
+// ExampleWithHedge copies a straggler to another worker: the first
+// attempt of request 1000 hangs, the copy answers, and the hung attempt
+// is cancelled with cause ErrHedgeLost. The hedge goes once the request
+// has been at its worker longer than 95 % of the first 100 successes
+// took, and at least 50 ms.
+func ExampleWithHedge() {
+	var hung atomic.Bool
+	lost := make(chan error, 1)
+	work := func(ctx context.Context, req int) (int, error) {
+		if req == 1000 && hung.CompareAndSwap(false, true) { // its first attempt hangs
+			<-ctx.Done()
+			lost <- context.Cause(ctx)
+			return 0, ctx.Err()
+		}
+		time.Sleep(100 * time.Microsecond)
+		return req, nil
+	}
+	b, err := balancer.New(2, work, balancer.WithHedge(0.95, 50*time.Millisecond))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+	ctx := context.Background()
+	for i := range 100 { // no hedging before 100 successes
+		if _, err := b.Do(ctx, i); err != nil {
+			log.Fatal(err)
+		}
+	}
+	c, err := b.Submit(ctx, 1000)
+	if err != nil {
+		log.Fatal(err)
+	}
+	res := <-c
+	fmt.Println(res.Value, res.Err, "after", res.Attempts, "attempts")
+	fmt.Println("the hung attempt:", <-lost)
+	s := b.Stats()
+	fmt.Println("hedges:", s.Hedges, "won:", s.HedgeWins)
+	// Output:
+	// 1000 <nil> after 2 attempts
+	// the hung attempt: balancer: another copy of the request succeeded first
+	// hedges: 1 won: 1
+}
