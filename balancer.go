@@ -41,7 +41,8 @@ import (
 // Func is the work a worker does for one request. ctx is the request's
 // context, also cancelled if [Balancer.Shutdown] gives up waiting; then
 // context.Cause(ctx) is [ErrClosed], and otherwise the cause the caller's
-// context ended with.
+// context ended with; with [WithHedge], also when the request's other
+// copy succeeded first, with cause [ErrHedgeLost].
 type Func[Req, Res any] func(ctx context.Context, req Req) (Res, error)
 
 // Result is the outcome of one request.
@@ -51,7 +52,8 @@ type Result[Req, Res any] struct {
 	Err    error // the Func's error unchanged, a *PanicError, ErrGoexit, ErrClosed or the request's ctx.Err()
 	Worker int   // ID of the worker that ran it, or was to run it
 	// Attempts counts the runs of the request on workers, 1 unless it was
-	// tried again on another worker (see WithRetry); 0 if it never ran.
+	// tried again on another worker (see WithRetry) or hedged (see
+	// WithHedge), losing copies included; 0 if it never ran.
 	Attempts int
 }
 
@@ -62,8 +64,8 @@ var (
 	// not accepted, or (from Shutdown giving up) was accepted but not run.
 	ErrClosed = errors.New("balancer: closed")
 	// ErrInvalidArgument reports a bad argument: a negative worker count,
-	// a queue depth, concurrency, weight, attempts or retry budget out of
-	// range, a nil Func, classifier or retry predicate (or one for another
+	// a queue depth, concurrency, weight, attempts, retry budget, hedge
+	// quantile or hedge delay out of range, a nil Func, classifier or retry predicate (or one for another
 	// Res), or a nil context.
 	ErrInvalidArgument = errors.New("balancer: invalid argument")
 	// ErrFull reports that TrySubmit found every worker full, or none.
@@ -538,7 +540,9 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // Every accepted request gets exactly one outcome: the Func's result, its
 // error unchanged, a *PanicError, ErrGoexit, the request's ctx.Err() if it
 // ended before a worker started the request, or ErrClosed if Shutdown gave
-// up on it; with WithRetry, that of its last attempt. A Func panic or runtime.Goexit never kills a worker.
+// up on it; with WithRetry, that of its last attempt, and with WithHedge,
+// that of the first copy to succeed, or of the last to end. A Func panic
+// or runtime.Goexit never kills a worker.
 //
 // A Func may call Do or Submit on its own balancer, but if every worker is
 // busy doing that, nothing can free a slot: such calls wait until their ctx

@@ -1211,6 +1211,39 @@ func measureHedges(t *testing.T, s scenario, names []string, seed uint64, n int)
 	return f
 }
 
+// TestHedgeHeadlines is the hedge table's headline rows, small enough for
+// every run of the suite (20 000 requests a row, a new seed each run), with
+// bounds a little looser than the full table's targets.
+func TestHedgeHeadlines(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d (BALANCER_QUALITY_SEED=%d BALANCER_QUALITY=20000 go test -run TestHedgeQuality -v . prints its table)", seed, seed)
+	for _, s := range hedgeScenarios() {
+		key := fmt.Sprintf("%s %.2g", s.name, s.load)
+		names := []string{"estimate", hedging}
+		switch key {
+		case "1 % of attempts take 20× as long 0.5", "equal 0.9":
+		case "4 of capacity 4, one stops for 3 s 0.5":
+			names = append(names, noStall)
+		default:
+			continue
+		}
+		f := measureHedges(t, s, names, seed, 20_000)
+		without, with := f["estimate"], f[hedging]
+		p99, p999 := float64(with.q[1])/float64(without.q[1]), float64(with.q[2])/float64(without.q[2])
+		t.Logf("%s: p99 %.3f, p99.9 %.3f of without, slowest %.1f ms, extra attempts %.2f %%", key, p99, p999, ms(with.most), 100*with.extra)
+		switch {
+		case s.straggle > 0:
+			assert.LessOrEqual(t, p999, 0.4, "%s: p99.9 with hedging ÷ without (a straggler among the first 100 requests, which are never hedged, weighs at 20 000)", key)
+			assert.LessOrEqual(t, p99, 1.0, "%s: p99 with hedging ÷ without", key)
+			assert.LessOrEqual(t, with.extra, 0.06, "%s: extra attempts", key)
+		case s.stallFor > 0:
+			assert.LessOrEqual(t, float64(with.most)/float64(f[noStall].p95), 5.0, "%s: slowest ÷ the healthy p95", key)
+		default:
+			assert.LessOrEqual(t, p99, 1.05, "%s: p99 with hedging ÷ without", key)
+		}
+	}
+}
+
 // TestHedgeQuality prints the hedge table: each hedge scenario with and
 // without hedging, the same arrivals, sizes and stragglers for both, in
 // fake time. Like TestBalanceQuality it runs when BALANCER_QUALITY sets
