@@ -5443,3 +5443,118 @@ func TestHedgeOptionsMustFit(t *testing.T) {
 	_, err := New(1, square, WithHedge(0.4, 0))
 	assert.ErrorContains(t, err, "0.4")
 }
+
+func TestHedgeCloseWaitsForALoserThatIgnoresItsCtx(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		p := newHedgePool(t, 2)
+		p.warm(t, 100)
+		p.stall = func(w, req, n int) (bool, error) {
+			if req == 7 && n == 1 { // deaf to its ctx: it ends when released
+				p.mu.Unlock()
+				<-release
+				p.mu.Lock()
+			}
+			return false, nil
+		}
+		res := <-mustSubmit(t, p.b, 7)
+		require.NoError(t, res.Err)
+		assert.Equal(t, 2, res.Attempts)
+		closed := make(chan error)
+		go func() { closed <- p.b.Close() }()
+		synctest.Wait()
+		select {
+		case <-closed:
+			t.Fatal("Close returned while the losing attempt still ran")
+		default:
+		}
+		assert.Equal(t, 1, p.b.Stats().Pending, "the loser is pending")
+		close(release)
+		assert.NoError(t, <-closed)
+		s := p.b.Stats()
+		assert.Equal(t, s.Accepted+s.Hedges, s.Completed)
+		assert.Zero(t, s.Failed)
+	})
+}
+
+func TestHedgeThroughEveryEntry(t *testing.T) {
+	entries := map[string]func(t *testing.T, b *Balancer[int, int]) Result[int, int]{
+		"Do": func(t *testing.T, b *Balancer[int, int]) Result[int, int] {
+			v, err := b.Do(context.Background(), 7)
+			return Result[int, int]{Value: v, Err: err, Attempts: -1}
+		},
+		"Submit": func(t *testing.T, b *Balancer[int, int]) Result[int, int] { return <-mustSubmit(t, b, 7) },
+		"TrySubmit": func(t *testing.T, b *Balancer[int, int]) Result[int, int] {
+			c, err := b.TrySubmit(context.Background(), 7)
+			require.NoError(t, err)
+			return <-c
+		},
+		"All": func(t *testing.T, b *Balancer[int, int]) Result[int, int] {
+			var last Result[int, int]
+			n := 0
+			for _, r := range b.All(context.Background(), slices.Values([]int{7})) {
+				last = r
+				n++
+			}
+			assert.Equal(t, 1, n, "one outcome")
+			return last
+		},
+	}
+	for name, entry := range entries {
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p := newHedgePool(t, 2)
+				defer p.b.Close()
+				p.warm(t, 100)
+				p.stall = func(w, req, n int) (bool, error) { return req == 7 && n == 1, nil }
+				start := time.Now()
+				res := entry(t, p.b)
+				require.NoError(t, res.Err)
+				assert.Equal(t, 7, res.Value)
+				if res.Attempts != -1 {
+					assert.Equal(t, 2, res.Attempts)
+				}
+				assert.Equal(t, 20*time.Millisecond+time.Nanosecond, time.Since(start))
+				assert.Equal(t, uint64(1), p.b.Stats().HedgeWins)
+			})
+		})
+	}
+}
+
+func TestHedgeRetriesAfterBothCopiesFail(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 3, WithRetry(3))
+		defer p.b.Close()
+		p.warm(t, 100)
+		var on []int
+		// The first attempt takes 15 ms, so that its hedge goes at 10 ms;
+		// both fail, Unprocessed, and the third attempt succeeds.
+		p.stall = func(w, req, n int) (bool, error) {
+			if req != 7 {
+				return false, nil
+			}
+			on = append(on, w)
+			if n == 1 {
+				p.mu.Unlock()
+				time.Sleep(5 * time.Millisecond) // 15 ms in all
+				p.mu.Lock()
+			}
+			if n <= 2 {
+				return false, Unprocessed(errDown)
+			}
+			return false, nil
+		}
+		start := time.Now()
+		res := <-mustSubmit(t, p.b, 7)
+		require.NoError(t, res.Err)
+		assert.Equal(t, 3, res.Attempts)
+		// The first fails at 15 ms while its hedge (from 10 ms) runs, and
+		// waits; the hedge fails at 20 ms and the retry, on the third
+		// worker, succeeds at 30 ms.
+		assert.Equal(t, 30*time.Millisecond+time.Nanosecond, time.Since(start))
+		require.Len(t, on, 3)
+		assert.ElementsMatch(t, []int{0, 1, 2}, on, "no worker twice")
+		s := p.b.Stats()
+		assert.Equal(t, [2]uint64{1, 1}, [2]uint64{s.Hedges, s.Retries})
+	})
+}
