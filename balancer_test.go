@@ -5365,31 +5365,98 @@ func TestHedgeErrorWaitsForTheOtherCopy(t *testing.T) {
 }
 
 func TestHedgeTakesSpareCapacityOnly(t *testing.T) {
+	for _, depth := range []int{1, 2} { // at depth 2 the busy worker has room in its queue, which a hedge must not take
+		t.Run(fmt.Sprint("depth ", depth), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				busy := make(chan struct{})
+				p := newHedgePool(t, 2, WithQueueDepth(depth))
+				defer p.b.Close()
+				p.warm(t, 100)
+				p.stall = func(w, req, n int) (bool, error) {
+					if req == 9 { // holds the other worker until busy is closed
+						p.mu.Unlock()
+						<-busy
+						p.mu.Lock()
+					}
+					return req == 7 && n == 1, nil
+				}
+				c9 := mustSubmit(t, p.b, 9)
+				hedgeEpoch = time.Now()
+				c7 := mustSubmit(t, p.b, 7)
+				time.Sleep(30 * time.Millisecond)
+				synctest.Wait()
+				assert.Zero(t, p.b.Stats().Hedges, "past its deadline, but no worker has a free slot")
+				close(busy) // request 9 then takes its 10 ms
+				res := <-c7
+				require.NoError(t, res.Err)
+				assert.Equal(t, 2, res.Attempts)
+				assert.Equal(t, 50*time.Millisecond, time.Since(hedgeEpoch), "hedged as request 9's slot freed at 40 ms")
+				assert.NoError(t, (<-c9).Err)
+			})
+		})
+	}
+}
+
+func TestHedgeCountsAmongTheAttempts(t *testing.T) {
+	for _, tc := range []struct {
+		name            string
+		workers, limit  int
+		hedges, retries uint64
+	}{
+		// The first attempt fails at once and its retry hangs for 30 ms:
+		// with 2 attempts in all, the retry is not hedged.
+		{"no hedge past the limit", 3, 2, 0, 1},
+		// The same with 3 attempts: the retry is hedged, once.
+		{"a hedge within it", 4, 3, 1, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				p := newHedgePool(t, tc.workers, WithRetry(tc.limit))
+				defer p.b.Close()
+				p.warm(t, 100)
+				p.stall = func(w, req, n int) (bool, error) {
+					switch {
+					case req != 7:
+					case n == 1:
+						return false, Unprocessed(errDown) // after its 10 ms
+					case n == 2:
+						p.mu.Unlock()
+						time.Sleep(20 * time.Millisecond) // 30 ms in all, ignoring its ctx
+						p.mu.Lock()
+					}
+					return false, nil
+				}
+				res := <-mustSubmit(t, p.b, 7)
+				require.NoError(t, res.Err)
+				synctest.Wait()
+				s := p.b.Stats()
+				assert.Equal(t, [2]uint64{tc.hedges, tc.retries}, [2]uint64{s.Hedges, s.Retries}, "hedges, retries")
+				assert.Equal(t, 2+int(tc.hedges), res.Attempts)
+				p.mu.Lock()
+				assert.Equal(t, 2+int(tc.hedges), p.runs[7])
+				p.mu.Unlock()
+			})
+		})
+	}
+}
+
+func TestHedgeLoserKeepsItsWorkersAge(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		busy := make(chan struct{})
-		p := newHedgePool(t, 2)
+		p := newHedgePool(t, 3, WithLoadEstimate(true))
 		defer p.b.Close()
 		p.warm(t, 100)
-		p.stall = func(w, req, n int) (bool, error) {
-			if req == 9 { // holds the other worker until busy is closed
-				p.mu.Unlock()
-				<-busy
-				p.mu.Lock()
-			}
-			return req == 7 && n == 1, nil
+		p.stall = func(w, req, n int) (bool, error) { return w == 0 && req >= 0, nil } // worker 0 stops
+		for i := range 30 {
+			res := <-mustSubmit(t, p.b, i)
+			require.NoError(t, res.Err)
+			require.NotEqual(t, 0, res.Worker)
 		}
-		c9 := mustSubmit(t, p.b, 9)
-		hedgeEpoch = time.Now()
-		c7 := mustSubmit(t, p.b, 7)
-		time.Sleep(30 * time.Millisecond)
-		synctest.Wait()
-		assert.Zero(t, p.b.Stats().Hedges, "past its deadline, but no worker has a free slot")
-		close(busy) // request 9 then takes its 10 ms
-		res := <-c7
-		require.NoError(t, res.Err)
-		assert.Equal(t, 2, res.Attempts)
-		assert.Equal(t, 50*time.Millisecond, time.Since(hedgeEpoch), "hedged as request 9's slot freed at 40 ms")
-		assert.NoError(t, (<-c9).Err)
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		// The first request that went to worker 0 lost to its hedge; its
+		// cancellation left worker 0 idle, but not fresh: nothing more
+		// went there within its patience (2 s).
+		assert.Len(t, p.log, 1, "requests stuck on worker 0")
 	})
 }
 
@@ -5556,5 +5623,65 @@ func TestHedgeRetriesAfterBothCopiesFail(t *testing.T) {
 		assert.ElementsMatch(t, []int{0, 1, 2}, on, "no worker twice")
 		s := p.b.Stats()
 		assert.Equal(t, [2]uint64{1, 1}, [2]uint64{s.Hedges, s.Retries})
+	})
+}
+
+func TestHedgeCloseWhileBothCopiesRun(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		release := make(chan struct{})
+		p := newHedgePool(t, 3, WithRetry(3))
+		p.warm(t, 100)
+		p.stall = func(w, req, n int) (bool, error) {
+			if req != 7 {
+				return false, nil
+			}
+			p.mu.Unlock()
+			<-release // both copies, deaf to their ctx
+			p.mu.Lock()
+			return false, Unprocessed(errDown)
+		}
+		c := mustSubmit(t, p.b, 7)
+		time.Sleep(15 * time.Millisecond)
+		synctest.Wait()
+		require.Equal(t, uint64(1), p.b.Stats().Hedges)
+		closed := make(chan error)
+		go func() { closed <- p.b.Close() }()
+		synctest.Wait()
+		close(release)
+		res := <-c
+		assert.ErrorIs(t, res.Err, errDown, "closing: no retry, and the last outcome stands")
+		assert.Equal(t, 2, res.Attempts)
+		assert.NoError(t, <-closed)
+	})
+}
+
+func TestHedgeOncePerRequest(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 5, WithRetry(4))
+		defer p.b.Close()
+		p.warm(t, 100)
+		p.stall = func(w, req, n int) (bool, error) {
+			if req != 7 {
+				return false, nil
+			}
+			p.mu.Unlock()
+			defer p.mu.Lock()
+			switch n {
+			case 1: // 15 ms, hedged at 10
+				time.Sleep(5 * time.Millisecond)
+				return false, Unprocessed(errDown)
+			case 2: // the hedge fails after its 10 ms, at 20
+				return false, Unprocessed(errDown)
+			}
+			time.Sleep(20 * time.Millisecond) // the retry takes 30 ms: past a deadline, but it had its hedge
+			return false, nil
+		}
+		start := time.Now()
+		res := <-mustSubmit(t, p.b, 7)
+		require.NoError(t, res.Err)
+		assert.Equal(t, 3, res.Attempts)
+		assert.Equal(t, 50*time.Millisecond+time.Nanosecond, time.Since(start))
+		s := p.b.Stats()
+		assert.Equal(t, [2]uint64{1, 1}, [2]uint64{s.Hedges, s.Retries}, "hedges, retries")
 	})
 }
