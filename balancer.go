@@ -32,6 +32,7 @@ import (
 	"iter"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -1394,9 +1395,13 @@ func (b *Balancer[Req, Res]) loop() {
 			// Only once drain has dispatched every request waiting and
 			// left room, or nobody waits: hedges take spare capacity
 			// only.
-			if (h.fired || len(h.late) > 0) && (ready || b.line == nil && b.waiting.Load()+b.queued.Load() == 0) {
+			switch {
+			case !h.fired && len(h.late) == 0:
+			case ready || b.line == nil && b.waiting.Load()+b.queued.Load() == 0:
 				b.hedgeDue()
 				ready = b.ready()
+			case h.fired:
+				b.hedgeLater()
 			}
 		}
 		if b.took > 1 { // a burst
@@ -1964,6 +1969,7 @@ type hedger[Req, Res any] struct {
 	due     []deadline[Req, Res] // a queue, from head: deadlines in the order set, which is that of their times but for a change of delay
 	head    int
 	late    []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeDue)
+	kept    int                  // len(late) when it last dropped what is settled
 	fired   bool                 // timer fired: some deadline may have passed
 	timer   *time.Timer
 	armed   int64 // what timer is set for, 0 if not set
@@ -2101,12 +2107,52 @@ func (b *Balancer[Req, Res]) hedgeDue() {
 			h.late = append(h.late, d)
 		}
 	}
+	h.compact()
+	h.kept = len(h.late)
+	h.arm(now)
+}
+
+// settled reports whether d's attempt needs no hedge any more: its outcome
+// is decided, no attempt is live, a later attempt was sent, it had its
+// hedge, it may not run again (sends, not runs: one may not have started),
+// or the loop is closing.
+func (b *Balancer[Req, Res]) settled(d deadline[Req, Res]) bool {
+	f := d.f
+	s := f.state.Load()
+	return s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || b.closing || f.sends >= max(b.attempts, 2)
+}
+
+// hedgeLater is hedgeDue when callers wait: the deadlines that passed wait
+// in late, and late drops what is settled, once it has doubled since it
+// last did (amortised O(1) a deadline), so that neither grows beyond the
+// attempts in flight however long callers wait.
+func (b *Balancer[Req, Res]) hedgeLater() {
+	h := b.hedging
+	h.fired = false
+	now := b.now()
+	for h.head < len(h.due) && h.due[h.head].at < now {
+		d := h.due[h.head]
+		h.due[h.head] = deadline[Req, Res]{}
+		h.head++
+		if !b.settled(d) {
+			h.late = append(h.late, d)
+		}
+	}
+	h.compact()
+	if len(h.late) >= 2*h.kept+16 {
+		h.late = slices.DeleteFunc(h.late, b.settled)
+		h.kept = len(h.late)
+	}
+	h.arm(now)
+}
+
+// compact drops the deadlines before head from due.
+func (h *hedger[Req, Res]) compact() {
 	if h.head > len(h.due)/2 { // keep the queue from growing without end
 		n := copy(h.due, h.due[h.head:])
 		clear(h.due[n:])
 		h.due, h.head = h.due[:n], 0
 	}
-	h.arm(now)
 }
 
 // hedge sends a copy of the request of d, whose deadline passed, to the
@@ -2116,11 +2162,10 @@ func (b *Balancer[Req, Res]) hedgeDue() {
 // whether d is settled: false if the hedge must wait for spare capacity,
 // because retries wait for some or no such worker has a free slot.
 func (b *Balancer[Req, Res]) hedge(d deadline[Req, Res], now int64) bool {
-	f := d.f
-	s := f.state.Load()
-	if s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || b.closing || f.sends >= max(b.attempts, 2) { // sends, not runs: one may not have started
+	if b.settled(d) {
 		return true
 	}
+	f := d.f
 	if b.line != nil || len(b.again) > 0 {
 		return false
 	}
@@ -2146,30 +2191,4 @@ func (b *Balancer[Req, Res]) hedge(d deadline[Req, Res], now int64) bool {
 	r.probe, r.at, r.hedge = false, 0, true
 	b.send(w, r)
 	return true
-}
-
-// callersWait reports whether any request waits for capacity: a caller in
-// Do or Submit, or a retry.
-func (b *Balancer[Req, Res]) callersWait() bool {
-	return b.waiting.Load()+b.queued.Load() > 0 || b.line != nil || len(b.again) > 0
-}
-
-// hedgeLate tries again the hedges that found no spare capacity at their
-// deadline, oldest first, while there is some; the loop calls it after
-// each round.
-func (b *Balancer[Req, Res]) hedgeLate() {
-	h := b.hedging
-	now := b.now()
-	kept := h.late[:0]
-	for i, d := range h.late {
-		if !b.hedge(d, now) {
-			kept = append(kept, d)
-			if b.callersWait() { // the rest wait too
-				kept = append(kept, h.late[i+1:]...)
-				break
-			}
-		}
-	}
-	clear(h.late[len(kept):])
-	h.late = kept
 }
