@@ -456,8 +456,8 @@ func (h hedgeOption) apply(o *options) { o.hedge = h }
 // itself as the load rises. Each request gets at most one hedge, which
 // counts against the budget of WithRetryBudget (with retries, if any)
 // and, with WithRetry, among its attempts. Hedge only work that is safe to
-// run twice; a hedged Func runs under a context of its own (2 more
-// allocations per attempt). New returns ErrInvalidArgument for a quantile
+// run twice. With it, every request costs 3 allocations whatever its
+// context (what its attempts share, and each attempt's own context). New returns ErrInvalidArgument for a quantile
 // outside [0.5, 1) or a negative minDelay.
 func WithHedge(quantile float64, minDelay time.Duration) Option {
 	return hedgeOption{true, quantile, minDelay}

@@ -244,18 +244,29 @@ func BenchmarkDoContexts(b *testing.B) {
 			return context.WithTimeout(context.Background(), time.Hour)
 		}},
 	} {
-		b.Run(c.name, func(b *testing.B) {
-			d := newTrivial(b)
-			defer d.Close()
-			ctx, cancel := c.ctx()
-			defer cancel()
-			b.ReportAllocs()
-			for range b.N {
-				if _, err := d.Do(ctx, 1); err != nil {
-					b.Fatal(err)
-				}
+		for _, hedge := range []bool{false, true} {
+			name := c.name
+			if hedge {
+				name += "/hedged" // WithHedge on: each request has a flight, each attempt a context
 			}
-		})
+			b.Run(name, func(b *testing.B) {
+				d := newTrivial(b)
+				if hedge {
+					var err error
+					d, err = balancer.New(8, trivial, balancer.WithHedge(0.95, time.Hour))
+					require.NoError(b, err)
+				}
+				defer d.Close()
+				ctx, cancel := c.ctx()
+				defer cancel()
+				b.ReportAllocs()
+				for range b.N {
+					if _, err := d.Do(ctx, 1); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
 	}
 }
 
