@@ -780,7 +780,7 @@ func newBalancer[Req, Res any](n int, spec func(i int) WorkerSpec[Req, Res], opt
 		hooks:    o.hooks,
 	}
 	if o.hedge.on {
-		b.hedging = newHedger[Req, Res](o.hedge)
+		b.hedging = newHedger[Req, Res](o.hedge, o.attempts)
 	}
 	b.spends = o.attempts > 1 || b.hedging != nil
 	b.sched = sched[Req, Res]{estimate: o.estimate, eject: o.eject, hedging: o.hedge.on, clock: b.now, published: &b.ref, jitter: rand.Float64}
@@ -1963,16 +1963,18 @@ type hedger[Req, Res any] struct {
 	samples [hedgeWindow]atomic.Int64
 	count   atomic.Uint64
 	// The loop's.
-	delay   int64                // the hedge delay, in ns; 0 before hedgeMinSamples successes
-	counted uint64               // count when delay was computed
-	scratch []int64              // delay's computation's, kept
-	due     []deadline[Req, Res] // a queue, from head: deadlines in the order set, which is that of their times but for a change of delay
-	head    int
-	late    []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeDue)
-	kept    int                  // len(late) when it last dropped what is settled
-	fired   bool                 // timer fired: some deadline may have passed
-	timer   *time.Timer
-	armed   int64 // what timer is set for, 0 if not set
+	delay    int64                // the hedge delay, in ns; 0 before hedgeMinSamples successes
+	counted  uint64               // count when delay was computed
+	scratch  []int64              // delay's computation's, kept
+	due      []deadline[Req, Res] // a queue, from head: deadlines in the order set, which is that of their times but for a change of delay
+	head     int
+	late     []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeDue)
+	kept     int                  // len(late) when it last dropped what is settled
+	pruned   int                  // len(due) when it last did (see prune)
+	maxSends int                  // attempts a request may be sent: WithRetry's, at least 2
+	fired    bool                 // timer fired: some deadline may have passed
+	timer    *time.Timer
+	armed    int64 // what timer is set for, 0 if not set
 }
 
 // A deadline is when f's attempt number sends is to be hedged, in b.now()'s
@@ -1991,8 +1993,8 @@ const (
 	hedgeEvery      = 64
 )
 
-func newHedger[Req, Res any](o hedgeOption) *hedger[Req, Res] {
-	h := &hedger[Req, Res]{quantile: o.quantile, minDelay: int64(o.minDelay), timer: time.NewTimer(time.Hour)}
+func newHedger[Req, Res any](o hedgeOption, attempts int) *hedger[Req, Res] {
+	h := &hedger[Req, Res]{quantile: o.quantile, minDelay: int64(o.minDelay), maxSends: max(attempts, 2), timer: time.NewTimer(time.Hour)}
 	h.timer.Stop()
 	return h
 }
@@ -2013,8 +2015,29 @@ func (h *hedger[Req, Res]) expect(f *flight[Req, Res], now int64) {
 	if h.delay == 0 {
 		return
 	}
+	h.prune()
 	h.due = append(h.due, deadline[Req, Res]{now + h.delay, f, f.sends})
 	h.arm(now)
+}
+
+// prune drops settled deadlines from due before their time: those at its
+// head, which are most, since requests mostly end in the order they were
+// sent, and all of them once due has doubled since it last did (amortised
+// O(1) a deadline). So due holds about the attempts in flight, not every
+// attempt of the last delay, and keeps no finished request alive.
+func (h *hedger[Req, Res]) prune() {
+	for h.head < len(h.due) && h.settled(h.due[h.head]) {
+		h.due[h.head] = deadline[Req, Res]{}
+		h.head++
+	}
+	if len(h.due)-h.head >= 2*h.pruned+64 {
+		rest := slices.DeleteFunc(h.due[h.head:], h.settled)
+		n := copy(h.due, rest)
+		clear(h.due[n:])
+		h.due, h.head = h.due[:n], 0
+		h.pruned = n
+	}
+	h.compact()
 }
 
 // reckon computes the delay from the window, which has n successes: the
@@ -2112,14 +2135,19 @@ func (b *Balancer[Req, Res]) hedgeDue() {
 	h.arm(now)
 }
 
-// settled reports whether d's attempt needs no hedge any more: its outcome
-// is decided, no attempt is live, a later attempt was sent, it had its
-// hedge, it may not run again (sends, not runs: one may not have started),
-// or the loop is closing.
+// settled reports whether d's attempt needs no hedge any more: the loop
+// is closing, or its outcome is decided, no attempt is live, a later
+// attempt was sent, it had its hedge, or it may not run again (sends, not
+// runs: one may not have started).
 func (b *Balancer[Req, Res]) settled(d deadline[Req, Res]) bool {
+	return b.closing || b.hedging.settled(d)
+}
+
+// settled is Balancer.settled but for the loop's closing.
+func (h *hedger[Req, Res]) settled(d deadline[Req, Res]) bool {
 	f := d.f
 	s := f.state.Load()
-	return s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || b.closing || f.sends >= max(b.attempts, 2)
+	return s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || f.sends >= h.maxSends
 }
 
 // hedgeLater is hedgeDue when callers wait: the deadlines that passed wait
