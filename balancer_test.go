@@ -5218,6 +5218,7 @@ type hedgePool struct {
 	stall func(worker, req, n int) (hang bool, err error) // the n-th run of req (from 1)
 	runs  map[int]int                                     // per request
 	log   []string                                        // what the hung attempts saw, in order
+	epoch time.Time                                       // the log's times count from it
 }
 
 func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
@@ -5232,7 +5233,7 @@ func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
 			if hang {
 				<-ctx.Done()
 				p.mu.Lock()
-				p.log = append(p.log, fmt.Sprintf("worker %d, request %d: %v after %v", i, req, context.Cause(ctx), time.Since(p.start())))
+				p.log = append(p.log, fmt.Sprintf("worker %d, request %d: %v after %v", i, req, context.Cause(ctx), time.Since(p.epoch)))
 				p.mu.Unlock()
 				return 0, ctx.Err()
 			}
@@ -5246,9 +5247,6 @@ func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
 	return p
 }
 
-var hedgeEpoch time.Time // in a bubble, when the request under test was made
-
-func (p *hedgePool) start() time.Time { return hedgeEpoch }
 
 // warm runs n requests one after another: n successes of 10 ms.
 func (p *hedgePool) warm(t *testing.T, n int) {
@@ -5264,9 +5262,11 @@ func TestHedgeGoesAtTheQuantileAndTheFirstSuccessWins(t *testing.T) {
 		defer p.b.Close()
 		p.warm(t, 100) // p95 = 10 ms
 		p.stall = func(w, req, n int) (bool, error) { return req == 7 && n == 1, nil }
-		hedgeEpoch = time.Now()
+		p.mu.Lock()
+		p.epoch = time.Now()
+		p.mu.Unlock()
 		res := <-mustSubmit(t, p.b, 7)
-		took := time.Since(hedgeEpoch)
+		took := time.Since(p.epoch)
 		require.NoError(t, res.Err)
 		assert.Equal(t, 7, res.Value)
 		assert.Equal(t, 2, res.Attempts)
@@ -5381,7 +5381,7 @@ func TestHedgeTakesSpareCapacityOnly(t *testing.T) {
 					return req == 7 && n == 1, nil
 				}
 				c9 := mustSubmit(t, p.b, 9)
-				hedgeEpoch = time.Now()
+				start := time.Now()
 				c7 := mustSubmit(t, p.b, 7)
 				time.Sleep(30 * time.Millisecond)
 				synctest.Wait()
@@ -5390,7 +5390,7 @@ func TestHedgeTakesSpareCapacityOnly(t *testing.T) {
 				res := <-c7
 				require.NoError(t, res.Err)
 				assert.Equal(t, 2, res.Attempts)
-				assert.Equal(t, 50*time.Millisecond, time.Since(hedgeEpoch), "hedged as request 9's slot freed at 40 ms")
+				assert.Equal(t, 50*time.Millisecond, time.Since(start), "hedged as request 9's slot freed at 40 ms")
 				assert.NoError(t, (<-c9).Err)
 			})
 		})
@@ -5480,7 +5480,6 @@ func TestHedgeShutdownCancelsEveryAttempt(t *testing.T) {
 		p := newHedgePool(t, 2)
 		p.warm(t, 100)
 		p.stall = func(w, req, n int) (bool, error) { return req == 7, nil } // both attempts hang
-		hedgeEpoch = time.Now()
 		c := mustSubmit(t, p.b, 7)
 		time.Sleep(15 * time.Millisecond)
 		synctest.Wait()
