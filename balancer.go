@@ -2147,7 +2147,7 @@ func (b *Balancer[Req, Res]) settled(d deadline[Req, Res]) bool {
 func (h *hedger[Req, Res]) settled(d deadline[Req, Res]) bool {
 	f := d.f
 	s := f.state.Load()
-	return s&flightDone != 0 || s&(0xff<<8) == 0 || d.sends != f.sends || f.hedged || f.sends >= h.maxSends
+	return s&flightDone != 0 || s&flightLives == 0 || d.sends != f.sends || f.hedged || f.sends >= h.maxSends
 }
 
 // hedgeLater is hedgeDue when callers wait: the deadlines that passed wait

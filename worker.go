@@ -475,13 +475,15 @@ type flight[Req, Res any] struct {
 
 // The fields of flight.state.
 const (
-	flightRun  = 1       // runs started, in the low byte
-	flightLive = 1 << 8  // attempts live, in the next
-	flightDone = 1 << 16 // the outcome is decided: the request has it or is getting it
+	flightRun   = 1                 // one run started; the runs are the low byte
+	flightRuns  = 0xff              // the runs' mask
+	flightLive  = 1 << 8            // one attempt live; they are the next byte
+	flightLives = 0xff * flightLive // the live attempts' mask
+	flightDone  = 1 << 16           // the outcome is decided: the request has it or is getting it
 )
 
 // runs returns the runs started so far.
-func (f *flight[Req, Res]) runs() int { return int(f.state.Load() & 0xff) }
+func (f *flight[Req, Res]) runs() int { return int(f.state.Load() & flightRuns) }
 
 // done reports whether the request's outcome is decided.
 func (f *flight[Req, Res]) done() bool { return f.state.Load()&flightDone != 0 }
@@ -495,7 +497,7 @@ func (f *flight[Req, Res]) start() (before int, ok bool) {
 			return 0, false
 		}
 		if f.state.CompareAndSwap(s, s+flightRun) {
-			return int(s & 0xff), true
+			return int(s & flightRuns), true
 		}
 	}
 }
@@ -506,7 +508,7 @@ func (f *flight[Req, Res]) start() (before int, ok bool) {
 func (f *flight[Req, Res]) join() bool {
 	for {
 		s := f.state.Load()
-		if s&flightDone != 0 || s&(0xff<<8) == 0 {
+		if s&flightDone != 0 || s&flightLives == 0 {
 			return false
 		}
 		if f.state.CompareAndSwap(s, s+flightLive) {
@@ -535,13 +537,13 @@ func (f *flight[Req, Res]) end(success, again bool) (verdict, int) {
 	for {
 		s := f.state.Load()
 		if s&flightDone != 0 {
-			return lost, int(s & 0xff)
+			return lost, int(s & flightRuns)
 		}
 		v, next := deliver, s-flightLive
 		switch {
-		case success && next&(0xff<<8) != 0:
+		case success && next&flightLives != 0:
 			v, next = win, next|flightDone
-		case next&(0xff<<8) != 0:
+		case next&flightLives != 0:
 			v = wait
 		case again:
 			v = handBack
@@ -549,7 +551,7 @@ func (f *flight[Req, Res]) end(success, again bool) (verdict, int) {
 			next |= flightDone
 		}
 		if f.state.CompareAndSwap(s, next) {
-			return v, int(s & 0xff)
+			return v, int(s & flightRuns)
 		}
 	}
 }
