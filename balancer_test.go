@@ -5247,7 +5247,6 @@ func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
 	return p
 }
 
-
 // warm runs n requests one after another: n successes of 10 ms.
 func (p *hedgePool) warm(t *testing.T, n int) {
 	for i := range n {
