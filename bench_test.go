@@ -250,12 +250,12 @@ func BenchmarkDoContexts(b *testing.B) {
 				name += "/hedged" // WithHedge on: each request has a flight, each attempt a context
 			}
 			b.Run(name, func(b *testing.B) {
-				d := newTrivial(b)
+				var opts []balancer.Option
 				if hedge {
-					var err error
-					d, err = balancer.New(8, trivial, balancer.WithHedge(0.95, time.Hour))
-					require.NoError(b, err)
+					opts = append(opts, balancer.WithHedge(0.95, time.Hour))
 				}
+				d, err := balancer.New(8, trivial, opts...)
+				require.NoError(b, err)
 				defer d.Close()
 				ctx, cancel := c.ctx()
 				defer cancel()
