@@ -456,8 +456,9 @@ func (h hedgeOption) apply(o *options) { o.hedge = h }
 // as the load rises; a request past its deadline keeps its claim and gets
 // its hedge when a slot frees, if it still runs. A worker whose attempt
 // lost to a hedge past the delay keeps that attempt's run time in its cost
-// until it next ends an attempt that counts (for 2 s ÷ √concurrency at
-// most): cancelling a stalled worker's requests must not make it look idle. Each request gets at most one hedge, which
+// until it next ends an attempt that counts, for as long as an estimate
+// is trusted without a refresh at most (see WithLoadEstimate): cancelling
+// a stalled worker's requests must not make it look idle. Each request gets at most one hedge, which
 // counts against the budget of WithRetryBudget (with retries, if any)
 // and, with WithRetry, among its attempts. Hedge only work that is safe to
 // run twice. With it, every request costs 3 allocations whatever its
