@@ -572,7 +572,8 @@ type Stats struct {
 	Workers []WorkerStats
 	// Accepted counts requests accepted since New.
 	Accepted uint64
-	// Pending counts requests accepted and not yet finished.
+	// Pending counts the requests at workers, queued or running: with
+	// WithRetry or WithHedge, each attempt of a request counts.
 	Pending int
 	// Completed counts outcomes delivered, over all workers ever and
 	// including requests that ended without running (ctx done, ErrClosed).
