@@ -1236,7 +1236,7 @@ func TestDefaultsMakeCapacityAndWeightCount(t *testing.T) {
 			b, err := NewFrom([]WorkerSpec[int, int]{
 				{Func: sleeper(2 * time.Millisecond)},
 				{Func: sleeper(2 * time.Millisecond), Options: []WorkerOption{WithConcurrency(2)}},
-				{Func: sleeper(time.Millisecond), Options: []WorkerOption{WithWeight(2)}},
+				{Func: sleeper(time.Millisecond), Options: []WorkerOption{WithWeight(4)}},
 			})
 			require.NoError(t, err)
 			defer b.Close()
@@ -5681,5 +5681,35 @@ func TestHedgeOncePerRequest(t *testing.T) {
 		assert.Equal(t, 50*time.Millisecond+time.Nanosecond, time.Since(start))
 		s := p.b.Stats()
 		assert.Equal(t, [2]uint64{1, 1}, [2]uint64{s.Hedges, s.Retries}, "hedges, retries")
+	})
+}
+
+func TestHedgeNeverJoinsItsOwnWorker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var hung atomic.Bool
+		fn := func(ctx context.Context, req int) (int, error) {
+			if req == 7 && hung.CompareAndSwap(false, true) {
+				<-ctx.Done()
+				return 0, ctx.Err()
+			}
+			time.Sleep(10 * time.Millisecond)
+			return req, nil
+		}
+		// Worker 0 weighs four times as much: with a slot free beside the hung
+		// attempt it is still the cheapest, but the hedge must go
+		// elsewhere.
+		b, err := NewFrom([]WorkerSpec[int, int]{{Func: fn, Options: []WorkerOption{WithWeight(4)}}, {Func: fn}},
+			WithConcurrency(2), WithLoadEstimate(false), WithEjection(false), WithHedge(0.95, 0))
+		require.NoError(t, err)
+		defer b.Close()
+		for i := range 100 {
+			_, err := b.Do(context.Background(), -1-i)
+			require.NoError(t, err)
+		}
+		res := <-mustSubmit(t, b, 7)
+		require.NoError(t, res.Err)
+		assert.Equal(t, 1, res.Worker, "the hedge went to the other worker")
+		assert.Equal(t, 2, res.Attempts)
+		assert.Equal(t, uint64(1), b.Stats().Workers[1].Hedges)
 	})
 }
