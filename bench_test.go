@@ -1031,18 +1031,33 @@ const (
 	backTo   = 14 * time.Second
 )
 
+// replayAll replays one seeded workload of n requests to each dispatcher
+// in fake time and returns the workload and each one's run. Two names
+// stand for the balancer on the same workload with a part of the scenario
+// left out: healthy without the failures, noStall without the stall.
+func replayAll(t *testing.T, s scenario, names []string, seed uint64, n int) (workload, map[string]*run) {
+	w := newWorkload(s, seed, n)
+	runs := map[string]*run{}
+	for _, name := range names {
+		sc, d := s, name
+		switch name {
+		case healthy:
+			sc.failing, d = 0, "estimate"
+		case noStall:
+			sc.stallFor, d = 0, "estimate"
+		}
+		synctest.Test(t, func(t *testing.T) { runs[name] = offerRun(t, sc, w, d) })
+	}
+	return w, runs
+}
+
 // measureFaults replays one seeded workload of n requests to every
 // dispatcher and returns each one's figures.
 func measureFaults(t *testing.T, s scenario, names []string, seed uint64, n int) map[string]faultFigures {
-	w := newWorkload(s, seed, n)
+	w, runs := replayAll(t, s, names, seed, n)
 	f := map[string]faultFigures{}
 	for _, name := range names {
-		sc, d := s, name
-		if name == healthy {
-			sc.failing, d = 0, "estimate"
-		}
-		var r *run
-		synctest.Test(t, func(t *testing.T) { r = offerRun(t, sc, w, d) })
+		r := runs[name]
 		g := faultFigures{stats: r.stats, maxEjected: r.maxEjected, twice: r.twice.Load()}
 		var ok []time.Duration
 		var all, failing, failed float64
@@ -1193,18 +1208,12 @@ type hedgeFigures struct {
 }
 
 // measureHedges replays one seeded workload of n requests to each
-// dispatcher and returns each one's figures; noStall is the balancer
-// without hedging on the workload without the stall.
+// dispatcher (see replayAll) and returns each one's figures.
 func measureHedges(t *testing.T, s scenario, names []string, seed uint64, n int) map[string]hedgeFigures {
-	w := newWorkload(s, seed, n)
+	w, runs := replayAll(t, s, names, seed, n)
 	f := map[string]hedgeFigures{}
 	for _, name := range names {
-		sc, d := s, name
-		if name == noStall {
-			sc.stallFor, d = 0, "estimate"
-		}
-		var r *run
-		synctest.Test(t, func(t *testing.T) { r = offerRun(t, sc, w, d) })
+		r := runs[name]
 		g := hedgeFigures{q: quantiles(s, w, r.lat), stats: r.stats}
 		var in []time.Duration
 		var extra float64
