@@ -1632,10 +1632,10 @@ func (b *Balancer[Req, Res]) tryAgain(f *flight[Req, Res]) bool {
 	return true
 }
 
-// attempt returns the request of f's next attempt, copy 0, which the loop
-// is sending to w: the request as first sent, not a probe, with the time
-// it starts to wait at w's if it must. With WithHedge it is also given a
-// hedge deadline.
+// attempt counts f's next attempt, copy 0, which the loop is sending to w
+// (with WithHedge, giving it a hedge deadline), and returns its request:
+// the request as first sent, not a probe, its wait at w to be timed by
+// send.
 func (b *Balancer[Req, Res]) attempt(f *flight[Req, Res], w *worker[Req, Res]) request[Req, Res] {
 	r := f.r
 	r.probe, r.at, r.hedge = false, 0, false
@@ -1946,14 +1946,12 @@ func (g *budget) spend() { g.extra[g.at%budgetRing]++ }
 // fly gives r, which the loop is sending to w with WithHedge, its flight
 // and its hedge deadline.
 func (b *Balancer[Req, Res]) fly(r request[Req, Res], w *worker[Req, Res]) request[Req, Res] {
-	f := &flight[Req, Res]{sends: 1}
+	f := &flight[Req, Res]{}
 	f.state.Store(flightLive)
-	f.tried = append(f.buf[:0], w.id)
+	f.tried = f.buf[:0]
 	r.fl = f
 	f.r = r
-	now := b.now()
-	f.sentAt[0] = now
-	b.hedging.expect(f, now)
+	b.attempt(f, w) // counts this first attempt; r itself keeps its probe and its wait
 	return r
 }
 
