@@ -66,8 +66,8 @@ var (
 	ErrClosed = errors.New("balancer: closed")
 	// ErrInvalidArgument reports a bad argument: a negative worker count,
 	// a queue depth, concurrency, weight, attempts, retry budget, hedge
-	// quantile or hedge delay out of range, a nil Func, classifier or retry predicate (or one for another
-	// Res), or a nil context.
+	// quantile or hedge delay out of range, a nil Func, classifier or
+	// retry predicate (or one for another Res), or a nil context.
 	ErrInvalidArgument = errors.New("balancer: invalid argument")
 	// ErrFull reports that TrySubmit found every worker full, or none.
 	ErrFull = errors.New("balancer: every worker is full")
@@ -440,29 +440,30 @@ type hedgeOption struct {
 func (h hedgeOption) apply(o *options) { o.hedge = h }
 
 // WithHedge sends a copy of a request that has been at its worker longer
-// than the quantile (such as 0.95) of the times successful attempts took
-// at theirs, and at least minDelay, to the least-loaded other worker with
-// a free slot: the first copy to succeed gives the request its outcome,
-// and the other's ctx is cancelled with cause ErrHedgeLost; it counts
-// neither as a failure of its worker nor as a sample of its speed. An
-// error from one copy waits for the other's outcome. The times are from
-// the balancer handing the attempt to its worker to its end, over the
-// latest 1 024 successes at every worker, so a slow worker's requests,
-// a stalled worker's and those stuck in a worker's queue are all
-// stragglers against the rest; there is no hedging before 100 successes.
+// than the quantile (such as 0.95) of the times successful attempts took at
+// theirs, and at least minDelay, to the least-loaded other worker with a
+// free slot: the first copy to succeed gives the request its outcome, and
+// the other's ctx is cancelled with cause ErrHedgeLost; it counts neither
+// as a failure of its worker nor as a sample of its speed. An error from
+// one copy waits for the other's outcome. The times are from the balancer
+// handing the attempt to its worker to its end, over the latest 1 024
+// successes at every worker, so a slow worker's requests, a stalled
+// worker's and those stuck in a worker's queue are all stragglers against
+// the rest; there is no hedging before 100 successes.
 //
 // A hedge uses spare capacity only: it never queues at a worker, and none
 // is sent while callers wait for capacity, so hedging backs off by itself
 // as the load rises; a request past its deadline keeps its claim and gets
 // its hedge when a slot frees, if it still runs. A worker whose attempt
 // lost to a hedge past the delay keeps that attempt's run time in its cost
-// until it next ends an attempt that counts, for as long as an estimate
-// is trusted without a refresh at most (see WithLoadEstimate): cancelling
-// a stalled worker's requests must not make it look idle. Each request gets at most one hedge, which
-// counts against the budget of WithRetryBudget (with retries, if any)
-// and, with WithRetry, among its attempts. Hedge only work that is safe to
-// run twice. With it, every request costs 3 allocations whatever its
-// context (what its attempts share, and each attempt's own context). New returns ErrInvalidArgument for a quantile
+// until it next ends an attempt that counts, for as long as an estimate is
+// trusted without a refresh at most (see WithLoadEstimate): cancelling a
+// stalled worker's requests must not make it look idle. Each request gets
+// at most one hedge, which counts against the budget of WithRetryBudget
+// (with retries, if any) and, with WithRetry, among its attempts. Hedge
+// only work that is safe to run twice. With it, every request costs 3
+// allocations whatever its context (what its attempts share, and each
+// attempt's own context). New returns ErrInvalidArgument for a quantile
 // outside [0.5, 1) or a negative minDelay.
 func WithHedge(quantile float64, minDelay time.Duration) Option {
 	return hedgeOption{true, quantile, minDelay}
@@ -1966,10 +1967,12 @@ type hedger[Req, Res any] struct {
 	samples [hedgeWindow]atomic.Int64
 	count   atomic.Uint64
 	// The loop's.
-	delay    int64                // the hedge delay, in ns; 0 before hedgeMinSamples successes
-	counted  uint64               // count when delay was computed
-	scratch  []int64              // delay's computation's, kept
-	due      []deadline[Req, Res] // a queue, from head: deadlines in the order set, which is that of their times but for a change of delay
+	delay   int64   // the hedge delay, in ns; 0 before hedgeMinSamples successes
+	counted uint64  // count when delay was computed
+	scratch []int64 // delay's computation's, kept
+	// due is a queue, from head, of the deadlines in the order set, which is
+	// the order of their times but for a change of delay.
+	due      []deadline[Req, Res]
 	head     int
 	late     []deadline[Req, Res] // past due, waiting for spare capacity (see hedgeDue)
 	kept     int                  // len(late) when it last dropped what is settled

@@ -22,7 +22,7 @@ type sched[Req, Res any] struct {
 	pool     pool[Req, Res]
 	estimate bool         // WithLoadEstimate, on by default
 	eject    bool         // WithEjection, on by default
-	hedging  bool         // WithHedge: attempts that lost to their hedge count in the workers' ages (see oldest)
+	hedging  bool         // WithHedge: an attempt that lost to its hedge counts in its worker's cost (see lost)
 	clock    func() int64 // b.now: read only when a decision needs the time
 	seq      int64        // dispatch sequence number
 
