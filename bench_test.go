@@ -510,15 +510,6 @@ func newWorkload(s scenario, seed uint64, n int) workload {
 	return w
 }
 
-// replay offers w to dispatcher name in a synctest bubble, where time.Sleep
-// is exact and time stands still while anything can run, and returns the
-// latency of each request from its arrival to its result, and the worker
-// that served it.
-func replay(t *testing.T, s scenario, w workload, name string) (lat []time.Duration, who []int) {
-	synctest.Test(t, func(t *testing.T) { lat, who = offer(t, s, w, name) })
-	return lat, who
-}
-
 // offer offers w to dispatcher name and returns the latency of each
 // request from its arrival to its result, and the worker that served it.
 func offer(t testing.TB, s scenario, w workload, name string) (lat []time.Duration, who []int) {
@@ -819,14 +810,10 @@ type figures struct {
 // measure replays one seeded workload of n requests to every dispatcher
 // and returns each one's figures.
 func measure(t *testing.T, s scenario, names []string, seed uint64, n int) map[string]figures {
-	w := newWorkload(s, seed, n)
+	w, runs := replayAll(t, s, names, seed, n)
 	f := map[string]figures{}
 	for _, name := range names {
-		sc, d := s, name
-		if name == noStall {
-			sc.stallFor, d = 0, "estimate"
-		}
-		lat, who := replay(t, sc, w, d)
+		lat, who := runs[name].lat, runs[name].who
 		var g figures
 		g.q = quantiles(s, w, lat)
 		g.least, g.most = spread(s, w, who)
@@ -1032,7 +1019,8 @@ const (
 )
 
 // replayAll replays one seeded workload of n requests to each dispatcher
-// in fake time and returns the workload and each one's run. Two names
+// in a synctest bubble, where time.Sleep is exact and time stands still
+// while anything can run, and returns the workload and each one's run. Two names
 // stand for the balancer on the same workload with a part of the scenario
 // left out: healthy without the failures, noStall without the stall.
 func replayAll(t *testing.T, s scenario, names []string, seed uint64, n int) (workload, map[string]*run) {
