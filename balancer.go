@@ -32,6 +32,7 @@ import (
 	"iter"
 	"math"
 	"math/rand/v2"
+	"reflect"
 	"slices"
 	"strconv"
 	"sync"
@@ -40,10 +41,14 @@ import (
 )
 
 // Func is the work a worker does for one request. ctx is the request's
-// context, also cancelled if [Balancer.Shutdown] gives up waiting; then
-// context.Cause(ctx) is [ErrClosed], and otherwise the cause the caller's
-// context ended with; with [WithHedge], also when the request's other
-// copy succeeded first, with cause [ErrHedgeLost].
+// context, with its values and deadline, also cancelled if
+// [Balancer.Shutdown] gives up waiting; then context.Cause(ctx) is
+// [ErrClosed], and otherwise the cause the caller's context ended with;
+// with [WithHedge], also when the request's other copy succeeded first,
+// with cause [ErrHedgeLost]. [WorkerID](ctx) is the ID of the worker
+// running it. If the request's context can be done, ctx is done once the
+// Func has returned, as a context derived for the call and cancelled after
+// it would be.
 type Func[Req, Res any] func(ctx context.Context, req Req) (Res, error)
 
 // Result is the outcome of one request.
@@ -461,7 +466,7 @@ func (h hedgeOption) apply(o *options) { o.hedge = h }
 // stalled worker's requests must not make it look idle. Each request gets
 // at most one hedge, which counts against the budget of WithRetryBudget
 // (with retries, if any) and, with WithRetry, among its attempts. Hedge
-// only work that is safe to run twice. With it, every request costs 3
+// only work that is safe to run twice. With it, every request costs 2
 // allocations whatever its context (what its attempts share, and each
 // attempt's own context). New returns ErrInvalidArgument for a quantile
 // outside [0.5, 1) or a negative minDelay.
@@ -560,9 +565,10 @@ func WithWeight(w float64) WorkerOption { return weightOption(w) }
 // working. A lone caller's request costs three goroutine hand-offs (0.6
 // to 1 µs on a 2-core machine, about twice a plain shared-channel pool);
 // under load the loop takes requests in batches, and a request costs less.
-// Through Do it allocates nothing with context.Background(), once with a
-// context that carries values and cannot be cancelled, and twice with one
-// that can.
+// Through Do it allocates nothing with a context that can never be done
+// (context.Background(), or one that carries values and is used again), and
+// once with one that can be done or carries values new to the worker's
+// slot.
 type Balancer[Req, Res any] struct {
 	depth    int
 	defaults workerOptions                    // for AddWorker, from New's options
@@ -1233,57 +1239,204 @@ func (b *Balancer[Req, Res]) command(c *command[Req, Res]) (commandReply, error)
 	return rep, rep.err
 }
 
-// runContext returns the context a Func runs under: the
-// request's, also cancelled with cause ErrClosed when Shutdown aborts; if
-// the request's own context ends first, its cause stands. The caller
-// calls the returned func, if not nil, with nil when the Func has
-// returned. A request context that can never be done and carries no
-// values is replaced by abortCtx itself, which costs nothing. One that
-// can never be done but carries values gets its values and abortCtx's
-// cancellation (1 allocation, see valuesCtx). Any other costs one
-// cancellable context (2 allocations), which the slot keeps in its runner
-// for Shutdown to cancel (see call and cancelRunning), instead of
-// registering it with abortCtx, which cost 4 more.
-func (b *Balancer[Req, Res]) runContext(ctx context.Context) (context.Context, context.CancelCauseFunc) {
+// runContext returns the context a Func runs under on w, and the runCtx
+// the slot keeps for the balancer to cancel, if any: the request's
+// context, also cancelled with cause ErrClosed when Shutdown gives up (if
+// the request's own context ends first, its cause stands), carrying w's ID
+// (see WorkerID). A context that can never be done and carries no values
+// is replaced by w's own workerCtx, made with w, which costs nothing. One
+// that can never be done but carries values gets a valuesCtx (1
+// allocation), which the slot keeps for the next request with the same
+// context. Any other gets a runCtx (1 allocation), which the slot keeps in
+// its runner for Shutdown to cancel (see call and cancelRunning), instead
+// of registering it with abortCtx, which cost 4 more.
+func (w *worker[Req, Res]) runContext(slot int, ctx context.Context) (context.Context, *runCtx) {
 	if ctx == context.Background() || ctx == context.TODO() {
-		return b.abortCtx, nil
+		return &w.ctx, nil
 	}
 	if ctx.Done() == nil {
-		return &valuesCtx{ctx, b.abortCtx}, nil
+		r := &w.runners[slot]
+		// Only pointers are compared: == on two contexts of one type
+		// that is not comparable would panic.
+		if v := r.values; v != nil && reflect.TypeOf(ctx).Kind() == reflect.Pointer && v.values == ctx {
+			return v, nil
+		}
+		r.values = &valuesCtx{ctx, &w.ctx}
+		return r.values, nil
 	}
-	return context.WithCancelCause(ctx)
+	c := newRunCtx(ctx, &w.ctx)
+	return c, c
 }
 
-// valuesCtx is the context of a request whose own context can never be
-// done: its values are the request context's, and it is done when abort
-// is (Shutdown gave up), with abort's error and cause. context.Cause finds
-// abort's cause through Value, which falls back to abort for every key the
-// request context has no value for.
-type valuesCtx struct {
-	values context.Context // Done() == nil
-	abort  context.Context
+// workerKey is the key WorkerID looks up: each of the balancer's contexts
+// answers it with its *workerCtx.
+type workerKey struct{}
+
+// WorkerID returns the ID of the worker whose Func runs under ctx, or
+// under a context derived from it, and true; for any other context, 0 and
+// false. Where one balancer's Func calls another's, it is the ID of the
+// innermost worker. A Func can use it to retire its own worker (see
+// Balancer.RemoveWorker) without a closure per worker.
+func WorkerID(ctx context.Context) (id int, ok bool) {
+	if ctx == nil {
+		return 0, false
+	}
+	if w, ok := ctx.Value(workerKey{}).(*workerCtx); ok {
+		return w.id, true
+	}
+	return 0, false
 }
 
-func (c *valuesCtx) Deadline() (time.Time, bool) { return c.values.Deadline() }
-func (c *valuesCtx) Done() <-chan struct{}       { return c.abort.Done() }
-func (c *valuesCtx) Err() error                  { return c.abort.Err() }
-func (c *valuesCtx) Value(key any) any {
-	if v := c.values.Value(key); v != nil {
-		return v
+// workerCtx is the context of a request on one worker whose own context
+// is context.Background or context.TODO: done when abort is (Shutdown gave
+// up), with abort's error and cause, and carrying the worker's ID. It is
+// part of its worker and never changes, so every request shares it.
+type workerCtx struct {
+	abort context.Context
+	id    int
+}
+
+func (c *workerCtx) Deadline() (time.Time, bool) { return c.abort.Deadline() }
+func (c *workerCtx) Done() <-chan struct{}       { return c.abort.Done() }
+func (c *workerCtx) Err() error                  { return c.abort.Err() }
+func (c *workerCtx) Value(key any) any {
+	if key == (workerKey{}) {
+		return c
 	}
 	return c.abort.Value(key)
 }
 
-// cancelRunning cancels, with cause ErrClosed, the contexts of the
-// requests the slots run, after Shutdown aborted. Each slot stores its
-// request's cancel before it checks abortCtx, so each request is cancelled
-// here or by its slot.
+// valuesCtx is the context of a request whose own context can never be
+// done: its values are the request context's, and it is done when its
+// worker's workerCtx is. context.Cause finds abort's cause through Value,
+// which falls back to the workerCtx for every key the request context has
+// no value for. It never changes, so requests with the same context may
+// share it.
+type valuesCtx struct {
+	values context.Context // Done() == nil
+	w      *workerCtx
+}
+
+func (c *valuesCtx) Deadline() (time.Time, bool) { return c.values.Deadline() }
+func (c *valuesCtx) Done() <-chan struct{}       { return c.w.Done() }
+func (c *valuesCtx) Err() error                  { return c.w.Err() }
+func (c *valuesCtx) Value(key any) any {
+	if key == (workerKey{}) {
+		return c.w
+	}
+	if v := c.values.Value(key); v != nil {
+		return v
+	}
+	return c.w.Value(key)
+}
+
+// runCtx is the context of one attempt whose request context can be
+// done, and of every attempt with WithHedge: the request's context,
+// also ended by the balancer (with cause ErrClosed when Shutdown gives
+// up, ErrHedgeLost when the other copy won), and done once the Func has
+// returned. It costs one allocation. The cancellable context that carries
+// the cause, inner, is made only when one is needed: at the first Done, or
+// at the first read after c has ended. Until then Err and Value read the
+// request's context, which is what inner would say.
+type runCtx struct {
+	parent context.Context
+	w      *workerCtx
+	made   atomic.Bool // inner is set, and is read without mu from then on
+	ended  atomic.Bool // cause is set: the next read makes inner
+	mu     sync.Mutex
+	cause  error
+	first  bool // c ended before its parent: inner is not to take the parent's cause
+	inner  context.Context
+	cancel context.CancelCauseFunc
+}
+
+func newRunCtx(parent context.Context, w *workerCtx) *runCtx {
+	return &runCtx{parent: parent, w: w}
+}
+
+func (c *runCtx) Deadline() (time.Time, bool) { return c.parent.Deadline() }
+func (c *runCtx) Done() <-chan struct{}       { return c.own().Done() }
+func (c *runCtx) Err() error {
+	if in := c.current(); in != nil {
+		return in.Err()
+	}
+	return c.parent.Err()
+}
+
+func (c *runCtx) Value(key any) any {
+	if key == (workerKey{}) {
+		return c.w
+	}
+	if in := c.current(); in != nil {
+		return in.Value(key) // for context.Cause, inner's cause
+	}
+	return c.parent.Value(key)
+}
+
+// current returns inner if it is made or must be: nil while the attempt
+// runs and nobody has asked for Done.
+func (c *runCtx) current() context.Context {
+	if c.made.Load() {
+		return c.inner
+	}
+	if c.ended.Load() {
+		return c.own()
+	}
+	return nil
+}
+
+// own returns inner, making it if needed, ended with cause if c has ended.
+func (c *runCtx) own() context.Context {
+	if c.made.Load() {
+		return c.inner
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.inner == nil {
+		parent := c.parent
+		if c.first {
+			parent = context.WithoutCancel(parent) // its values, and c's cause
+		}
+		c.inner, c.cancel = context.WithCancelCause(parent)
+		if c.cause != nil {
+			c.cancel(c.cause)
+		}
+		c.made.Store(true)
+	}
+	return c.inner
+}
+
+// end ends c with cause if it has not ended; nil, for a Func that
+// returned, means context.Canceled. It lets inner go from its parent's
+// children if inner is made, and leaves inner to be made by the next read
+// if not: ending costs nothing until someone looks.
+func (c *runCtx) end(cause error) {
+	if cause == nil {
+		cause = context.Canceled
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cause != nil {
+		return
+	}
+	c.cause = cause
+	c.ended.Store(true)
+	if c.cancel != nil {
+		c.cancel(cause)
+	} else {
+		c.first = c.parent.Err() == nil
+	}
+}
+
+// cancelRunning ends, with cause ErrClosed, the contexts of the requests
+// the slots run, after Shutdown aborted. Each slot stores its request's
+// runCtx before it checks abortCtx, so each is ended here or by its slot.
 func (b *Balancer[Req, Res]) cancelRunning() {
 	r := b.roster.Load()
 	for _, w := range r.workers {
 		for i := range w.runners {
-			if cancel, ok := w.runners[i].cancel.Load().(context.CancelCauseFunc); ok {
-				cancel(ErrClosed)
+			if c := w.runners[i].ctx.Load(); c != nil {
+				c.end(ErrClosed)
 			}
 		}
 	}
@@ -1295,12 +1448,9 @@ func (b *Balancer[Req, Res]) now() int64 {
 	return int64(time.Since(b.epoch)) + 1
 }
 
-// noop is what a slot leaves in its runner after a request (see call);
-// noCancel is All's cancel when there is nothing to cancel.
-// Package-level funcs, unlike literals in a generic method, cost no
+// noCancel is All's cancel when there is nothing to cancel. A
+// package-level func, unlike a literal in a generic method, costs no
 // allocation.
-func noop(error) {}
-
 func noCancel() {}
 
 // loop is the select loop. It owns the pool and runs until Close or

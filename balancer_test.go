@@ -119,6 +119,15 @@ func doHeld(t *testing.T, b *Balancer[int, int], i int) <-chan Result[int, int] 
 	return c
 }
 
+// must returns v, and panics if err is not nil: for calls that cannot fail
+// in the test.
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
 func mustNew(t *testing.T, workers int, fn Func[int, int], opts ...Option) *Balancer[int, int] {
 	t.Helper()
 	b, err := New(workers, fn, opts...)
@@ -2908,17 +2917,44 @@ func TestMethodsCalledFromInsideAFunc(t *testing.T) {
 // 10. Reliability: cancellation paths and Close in progress.
 
 // Shutdown's cancellation reaches a running Func whatever its request's
-// context, with cause ErrClosed; a caller's own cancellation keeps its
-// cause.
+// context, with cause ErrClosed, and however the Func watches its ctx; a
+// caller's own cancellation keeps its cause.
 func TestShutdownCancelsWithCause(t *testing.T) {
 	type key struct{}
+	// The ways a Func watches its ctx, each returning the cause it saw: it
+	// waits on Done; it polls Err between steps and never calls Done, so
+	// the context is ended before anyone asked for its channel; or it
+	// waits on a context it derived.
+	watches := []struct {
+		name string
+		wait func(ctx context.Context) error
+	}{
+		{"done", func(ctx context.Context) error {
+			<-ctx.Done()
+			return context.Cause(ctx)
+		}},
+		{"polled", func(ctx context.Context) error {
+			for i := 0; ctx.Err() == nil; i++ {
+				if i == 10_000 { // 10 s, where Shutdown gives up after 1
+					return errors.New("its ctx never ended")
+				}
+				time.Sleep(time.Millisecond)
+			}
+			return context.Cause(ctx)
+		}},
+		{"derived", func(ctx context.Context) error {
+			d, cancel := context.WithTimeout(ctx, 10*time.Hour)
+			defer cancel()
+			<-d.Done()
+			return context.Cause(d)
+		}},
+	}
 	// causeOf runs one request under ctx until end ends it, and returns
 	// the cause its Func saw and its outcome.
-	causeOf := func(t *testing.T, ctx context.Context, end func(t *testing.T, b *Balancer[int, int])) (cause, outcome error) {
+	causeOf := func(t *testing.T, ctx context.Context, wait func(context.Context) error, end func(t *testing.T, b *Balancer[int, int])) (cause, outcome error) {
 		causes := make(chan error, 1)
 		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			<-ctx.Done()
-			causes <- context.Cause(ctx)
+			causes <- wait(ctx)
 			return 0, ctx.Err()
 		})
 		c, err := b.Submit(ctx, 1)
@@ -2947,26 +2983,229 @@ func TestShutdownCancelsWithCause(t *testing.T) {
 			return context.WithTimeout(context.Background(), time.Hour)
 		}},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
+	for _, w := range watches {
+		for _, tt := range tests {
+			t.Run(w.name+"/"+tt.name, func(t *testing.T) {
+				synctest.Test(t, func(t *testing.T) {
+					ctx, cancel := tt.ctx()
+					defer cancel()
+					cause, outcome := causeOf(t, ctx, w.wait, shutdown)
+					assert.ErrorIs(t, cause, ErrClosed)
+					assert.ErrorIs(t, outcome, context.Canceled, "ctx.Err() is still context.Canceled")
+				})
+			})
+		}
+		t.Run(w.name+"/the caller's cause stands", func(t *testing.T) {
 			synctest.Test(t, func(t *testing.T) {
-				ctx, cancel := tt.ctx()
-				defer cancel()
-				cause, outcome := causeOf(t, ctx, shutdown)
-				assert.ErrorIs(t, cause, ErrClosed)
-				assert.ErrorIs(t, outcome, context.Canceled, "ctx.Err() is still context.Canceled")
+				errGone := errors.New("client went away")
+				ctx, cancel := context.WithCancelCause(context.Background())
+				cause, outcome := causeOf(t, ctx, w.wait, func(*testing.T, *Balancer[int, int]) { cancel(errGone) })
+				assert.ErrorIs(t, cause, errGone)
+				assert.ErrorIs(t, outcome, context.Canceled)
 			})
 		})
 	}
-	t.Run("the caller's cause stands", func(t *testing.T) {
-		synctest.Test(t, func(t *testing.T) {
-			errGone := errors.New("client went away")
-			ctx, cancel := context.WithCancelCause(context.Background())
-			cause, outcome := causeOf(t, ctx, func(*testing.T, *Balancer[int, int]) { cancel(errGone) })
-			assert.ErrorIs(t, cause, errGone)
-			assert.ErrorIs(t, outcome, context.Canceled)
+}
+
+// A Func's ctx tells its request's deadline and values, and, when the
+// request's context can be done, is done once the Func has returned, like
+// a context the balancer derived and cancelled: a goroutine the Func left
+// behind sees it end. The request's context itself lives on.
+func TestFuncContextIsTheRequests(t *testing.T) {
+	type key struct{}
+	synctest.Test(t, func(t *testing.T) {
+		kept := make(chan context.Context, 1)
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			kept <- ctx
+			return i, nil
 		})
+		defer b.Close()
+		parent, cancel := context.WithTimeout(context.WithValue(context.Background(), key{}, "v"), time.Hour)
+		defer cancel()
+		_, err := b.Do(parent, 1)
+		require.NoError(t, err)
+		ctx := <-kept
+		want, _ := parent.Deadline()
+		got, ok := ctx.Deadline()
+		assert.True(t, ok)
+		assert.Equal(t, want, got)
+		assert.Equal(t, "v", ctx.Value(key{}))
+		assert.ErrorIs(t, ctx.Err(), context.Canceled, "the Func has returned")
+		assert.ErrorIs(t, context.Cause(ctx), context.Canceled)
+		select {
+		case <-ctx.Done():
+		default:
+			t.Error("a Func's ctx is not done after it returned")
+		}
+		assert.NoError(t, parent.Err(), "the request's own context ended with its Func")
+
+		// Asked for Done while the Func runs, ended by the request's
+		// context, with its cause.
+		b2 := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			kept <- ctx
+			<-ctx.Done()
+			return i, nil
+		})
+		defer b2.Close()
+		errGone := errors.New("client went away")
+		parent2, cancel2 := context.WithCancelCause(parent)
+		c, err := b2.Submit(parent2, 2)
+		require.NoError(t, err)
+		ctx = <-kept
+		synctest.Wait()
+		assert.NoError(t, ctx.Err(), "done before anything ended it")
+		cancel2(errGone)
+		assert.NoError(t, (<-c).Err)
+		assert.ErrorIs(t, context.Cause(ctx), errGone)
 	})
+}
+
+// A Func's ctx ends with the first of its ends, even when the Func looks
+// only after the second: Shutdown before the caller, the caller before
+// Shutdown, and the Func's return before the caller.
+func TestFuncContextKeepsItsFirstEnd(t *testing.T) {
+	errGone := errors.New("client went away")
+	// polled runs one request whose Func polls its ctx every 3 ms, ends
+	// it with first and then second at 1 s (between two polls), and
+	// returns the cause the Func saw.
+	polled := func(t *testing.T, first, second func(*Balancer[int, int], context.CancelCauseFunc)) error {
+		causes := make(chan error, 1)
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			for ctx.Err() == nil {
+				time.Sleep(3 * time.Millisecond)
+			}
+			causes <- context.Cause(ctx)
+			return 0, ctx.Err()
+		})
+		ctx, cancel := context.WithCancelCause(context.Background())
+		defer cancel(nil)
+		c, err := b.Submit(ctx, 1)
+		require.NoError(t, err)
+		time.Sleep(time.Second)
+		first(b, cancel)
+		second(b, cancel)
+		<-c
+		require.NoError(t, b.Close())
+		return <-causes
+	}
+	shutdown := func(b *Balancer[int, int], _ context.CancelCauseFunc) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_ = b.Shutdown(ctx) // gives up at once
+	}
+	leave := func(_ *Balancer[int, int], cancel context.CancelCauseFunc) { cancel(errGone) }
+	synctest.Test(t, func(t *testing.T) {
+		assert.ErrorIs(t, polled(t, shutdown, leave), ErrClosed)
+	})
+	synctest.Test(t, func(t *testing.T) {
+		assert.ErrorIs(t, polled(t, leave, shutdown), errGone)
+	})
+	synctest.Test(t, func(t *testing.T) {
+		kept := make(chan context.Context, 1)
+		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+			kept <- ctx
+			return i, nil
+		})
+		defer b.Close()
+		ctx, cancel := context.WithCancelCause(context.Background())
+		_, err := b.Do(ctx, 1)
+		require.NoError(t, err)
+		cancel(errGone) // after the Func returned, before anyone looked
+		assert.ErrorIs(t, context.Cause(<-kept), context.Canceled)
+	})
+}
+
+// Requests with a context that carries values and can never be done share
+// one context at their slot only when their contexts are the same: each
+// Func sees its own request's values, also for a context type that == would
+// panic on.
+func TestValuesContextsAreNotMixedUp(t *testing.T) {
+	type key struct{}
+	b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+		v, _ := ctx.Value(key{}).(int)
+		return v, nil
+	})
+	defer b.Close()
+	ctxs := []context.Context{
+		context.WithValue(context.Background(), key{}, 1),
+		context.WithValue(context.Background(), key{}, 2),
+		listCtx{context.WithValue(context.Background(), key{}, 3), []int{3}},
+		listCtx{context.WithValue(context.Background(), key{}, 4), []int{4}},
+	}
+	for i := range 80 {
+		ctx := ctxs[i/2%len(ctxs)] // each context twice in a row, then the next
+		v, err := b.Do(ctx, 0)
+		require.NoError(t, err)
+		require.Equal(t, ctx.Value(key{}), v, "request %d", i)
+	}
+}
+
+// listCtx is a context whose type == panics on: a struct holding a slice.
+type listCtx struct {
+	context.Context
+	list []int
+}
+
+// WorkerID tells a Func the ID of the worker that runs it, whatever its
+// request's context, through a context it derived too, with hedging on, and
+// the innermost worker where one balancer's Func calls another's.
+func TestWorkerID(t *testing.T) {
+	type key struct{}
+	cancellable, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ctxs := map[string]context.Context{
+		"background":  context.Background(),
+		"todo":        context.TODO(),
+		"with values": context.WithValue(context.Background(), key{}, 1),
+		"cancellable": cancellable,
+	}
+	for _, hedged := range []bool{false, true} {
+		opts := []Option{WithLoadEstimate(false)} // sequential requests take turns
+		if hedged {
+			opts = append(opts, WithHedge(0.5, time.Hour))
+		}
+		b := mustNew(t, 3, func(ctx context.Context, i int) (int, error) {
+			id, ok := WorkerID(ctx)
+			d, cancel := context.WithCancel(ctx)
+			defer cancel()
+			if did, dok := WorkerID(d); !ok || !dok || did != id {
+				return 0, fmt.Errorf("WorkerID gave %d %v, derived %d %v", id, ok, did, dok)
+			}
+			return id, nil
+		}, opts...)
+		for name, ctx := range ctxs {
+			seen := map[int]bool{}
+			for range 30 {
+				res := <-must(b.Submit(ctx, 0))
+				require.NoError(t, res.Err, "%s, hedged %v", name, hedged)
+				assert.Equal(t, res.Worker, res.Value, "%s, hedged %v", name, hedged)
+				seen[res.Value] = true
+			}
+			assert.Len(t, seen, 3, "%s: every worker has its ID", name)
+		}
+		require.NoError(t, b.Close())
+	}
+	for _, ctx := range []context.Context{nil, context.Background(), cancellable} {
+		id, ok := WorkerID(ctx)
+		assert.False(t, ok, "outside a Func")
+		assert.Zero(t, id)
+	}
+
+	inner := mustNew(t, 5, func(ctx context.Context, i int) (int, error) {
+		id, _ := WorkerID(ctx)
+		return id, nil
+	})
+	defer inner.Close()
+	outer := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+		res := <-must(inner.Submit(ctx, i))
+		return res.Value*10 + res.Worker, res.Err
+	})
+	defer outer.Close()
+	for range 20 {
+		v, err := outer.Do(cancellable, 0)
+		require.NoError(t, err)
+		assert.Equal(t, v/10, v%10, "the inner Func sees its own worker's ID")
+	}
 }
 
 // A consumer that cancels FanIn's ctx and stops reading leaves no
@@ -5112,31 +5351,50 @@ func TestEjectionTakesNoRoomPromised(t *testing.T) {
 	}
 }
 
-// A request costs no allocation with a context that is never done and
-// carries no values, 1 with one that carries values, and 2 with one that
-// can be done (the cancellable context that Shutdown's cancellation
-// reaches it through).
-func TestDoAllocations(t *testing.T) {
+// A request through Do costs no allocation with a context that is never
+// done, whether or not it carries values, and 1 with one that can be done:
+// the context the Func runs under, which Shutdown's cancellation reaches it
+// through. A fresh values context per request costs its valuesCtx too (the
+// other allocation is the caller's WithValue). Submit adds only the channel
+// it returns, and All no more per request than Do.
+func TestRequestAllocations(t *testing.T) {
 	type key struct{}
 	b := mustNew(t, 2, square)
 	defer b.Close()
 	cancellable, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	deadline, cancelDeadline := context.WithTimeout(context.Background(), time.Hour)
+	defer cancelDeadline()
+	values := context.WithValue(context.Background(), key{}, 1)
+	submitted := testing.AllocsPerRun(1000, func() { <-must(b.Submit(context.Background(), 3)) })
 	for _, tt := range []struct {
 		name string
-		ctx  context.Context
+		ctx  func() context.Context
 		max  float64
 	}{
-		{"Background", context.Background(), 0},
-		{"WithValue", context.WithValue(context.Background(), key{}, 1), 1},
-		{"WithCancel", cancellable, 2},
+		{"Background", context.Background, 0},
+		{"WithValue", func() context.Context { return values }, 0},
+		{"WithValue, fresh", func() context.Context { return context.WithValue(context.Background(), key{}, 1) }, 2},
+		{"WithCancel", func() context.Context { return cancellable }, 1},
+		{"WithTimeout", func() context.Context { return deadline }, 1},
 	} {
 		allocs := testing.AllocsPerRun(1000, func() {
-			if _, err := b.Do(tt.ctx, 3); err != nil {
+			if _, err := b.Do(tt.ctx(), 3); err != nil {
 				t.Fatal(err)
 			}
 		})
 		assert.LessOrEqual(t, allocs, tt.max, "%s: allocations per Do", tt.name)
+		allocs = testing.AllocsPerRun(1000, func() { <-must(b.Submit(tt.ctx(), 3)) })
+		assert.LessOrEqual(t, allocs, submitted+tt.max, "%s: allocations per Submit", tt.name)
+		batch := func(n int) float64 {
+			xs := make([]int, n)
+			return testing.AllocsPerRun(20, func() {
+				for range b.All(tt.ctx(), slices.Values(xs)) {
+				}
+			})
+		}
+		perRequest := (batch(300) - batch(100)) / 200
+		assert.LessOrEqual(t, perRequest, max(tt.max, 1), "%s: allocations per request of All (its own context can be done)", tt.name)
 	}
 }
 

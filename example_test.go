@@ -354,6 +354,42 @@ func ExampleBalancer_RemoveWorker() {
 	// workers left: 1
 }
 
+// ExampleWorkerID retires a worker whose backend died from inside its
+// Func, which learns its worker's ID from its ctx: one Func serves every
+// worker, with no closure per worker.
+func ExampleWorkerID() {
+	down := map[int]bool{1: true} // backend 1 died
+	var b *balancer.Balancer[string, string]
+	b, err := balancer.New(2, func(ctx context.Context, q string) (string, error) {
+		id, _ := balancer.WorkerID(ctx)
+		if down[id] {
+			b.RemoveWorker(ctx, id) // retire myself
+			return "", fmt.Errorf("backend %d is down", id)
+		}
+		return fmt.Sprintf("backend %d: %s", id, q), nil
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
+
+	for _, q := range []string{"a", "b", "c", "d"} {
+		s, err := b.Do(context.Background(), q)
+		if err != nil {
+			fmt.Println("error:", err)
+			continue
+		}
+		fmt.Println(s)
+	}
+	fmt.Println("workers left:", len(b.Stats().Workers))
+	// Output:
+	// backend 0: a
+	// error: backend 1 is down
+	// backend 0: c
+	// backend 0: d
+	// workers left: 1
+}
+
 // ExampleBalancer_All runs a batch and keeps the results in the order of
 // the requests; breaking out of the loop at the first error would cancel
 // the rest.

@@ -51,16 +51,20 @@ func (r request[Req, Res]) deliver(res Result[Req, Res]) {
 
 // runner is what others may read of one slot of a worker.
 type runner struct {
-	since  atomic.Int64 // b.now() when the request it runs started; 0 while idle
-	cancel atomic.Value // the context.CancelCauseFunc of the latest request it ran with a context of its own (see runContext)
+	since atomic.Int64           // b.now() when the request it runs started; 0 while idle
+	ctx   atomic.Pointer[runCtx] // the runCtx of the request it runs, if it has one, for Shutdown to end (see runContext)
+	// values is the slot's own: the valuesCtx of the latest request it ran
+	// with one, for the next with the same context (see runContext).
+	values *valuesCtx
 }
 
 // worker serves requests from its queue on concurrency goroutines, its
 // slots, each taking the next request in the order the loop queued them.
 type worker[Req, Res any] struct {
-	b  *Balancer[Req, Res]
-	id int
-	fn Func[Req, Res]
+	b   *Balancer[Req, Res]
+	id  int
+	fn  Func[Req, Res]
+	ctx workerCtx // the context of its requests that come with context.Background (see runContext)
 	// Set at creation and only read after.
 	concurrency int
 	limit       int // concurrency × depth: the most requests it may hold
@@ -159,6 +163,7 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o
 		b:           b,
 		id:          id,
 		fn:          fn,
+		ctx:         workerCtx{abort: b.abortCtx, id: id},
 		concurrency: o.concurrency,
 		limit:       limit,
 		weight:      o.weight,
@@ -256,29 +261,30 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 		w.b.hooks.run()
 	}
 	var ctx context.Context
-	var cancel context.CancelCauseFunc
+	var rc *runCtx
 	if h := w.b.hedging; h != nil {
 		// Every attempt has a context of its own, which the attempt
-		// that wins cancels (see flight.end).
-		ctx, cancel = context.WithCancelCause(r.ctx)
-		r.fl.cancels[r.copy()].Store(cancel)
+		// that wins ends (see finish).
+		rc = newRunCtx(r.ctx, &w.ctx)
+		ctx = rc
+		r.fl.ctxs[r.copy()].Store(rc)
 	} else {
-		ctx, cancel = w.b.runContext(r.ctx)
+		ctx, rc = w.runContext(i, r.ctx)
 	}
-	if cancel != nil {
-		w.runners[i].cancel.Store(cancel)
+	if rc != nil {
+		w.runners[i].ctx.Store(rc)
 		if w.b.abortCtx.Err() != nil { // Shutdown may have looked at the runner before the store
-			cancel(ErrClosed)
+			rc.end(ErrClosed)
 		}
 		if r.fl != nil && r.fl.done() { // the winner may have looked before the store
-			cancel(ErrHedgeLost)
+			rc.end(ErrHedgeLost)
 		}
 	}
 	returned := false
 	defer func() {
-		if cancel != nil {
-			cancel(nil)
-			w.runners[i].cancel.Store(context.CancelCauseFunc(noop)) // keep no request's context alive
+		if rc != nil {
+			rc.end(nil)
+			w.runners[i].ctx.Store(nil) // keep no request's context alive
 		}
 		if returned {
 			return
@@ -382,8 +388,8 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	case lost, wait:
 		w.b.report(w)
 	case win: // another copy still runs: it lost
-		if cancel, ok := r.fl.cancels[1-r.copy()].Load().(context.CancelCauseFunc); ok {
-			cancel(ErrHedgeLost)
+		if c := r.fl.ctxs[1-r.copy()].Load(); c != nil {
+			c.end(ErrHedgeLost)
 		}
 		fallthrough
 	default:
@@ -450,7 +456,7 @@ func (w *worker[Req, Res]) handBack(r request[Req, Res], res Result[Req, Res]) {
 // slots and the loop change with compare-and-swap: the runs started, the
 // attempts live (sent and not ended) and whether the outcome is decided.
 // At most two attempts are live at once, the request's latest (copy 0) and
-// its hedge (copy 1), so each has a place in sentAt and cancels.
+// its hedge (copy 1), so each has a place in sentAt and ctxs.
 type flight[Req, Res any] struct {
 	r     request[Req, Res] // the request as first sent, fl included; the loop sends copies of it
 	state atomic.Uint32
@@ -458,9 +464,9 @@ type flight[Req, Res any] struct {
 	// read by the loop after it takes it from b.retried.
 	last Result[Req, Res]  // the latest attempt's outcome
 	next *flight[Req, Res] // link in b.retried
-	// cancels holds each copy's context.CancelCauseFunc, stored by its slot
-	// as it starts, for the winner to cancel the other (see finish).
-	cancels [2]atomic.Value
+	// ctxs holds each copy's context, stored by its slot as it starts,
+	// for the winner to end the other's (see finish).
+	ctxs [2]atomic.Pointer[runCtx]
 	// Written by the loop before it sends an attempt, read by that
 	// attempt's slot: when each copy was sent (b.now()), and the hedge
 	// delay when the hedge went.
