@@ -3071,7 +3071,7 @@ func TestFuncContextKeepsItsFirstEnd(t *testing.T) {
 	polled := func(t *testing.T, first, second func(*Balancer[int, int], context.CancelCauseFunc)) error {
 		causes := make(chan error, 1)
 		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			for ctx.Err() == nil {
+			for i := 0; ctx.Err() == nil && i < 10_000; i++ { // 30 s at most
 				time.Sleep(3 * time.Millisecond)
 			}
 			causes <- context.Cause(ctx)
@@ -3173,6 +3173,7 @@ func TestWorkerID(t *testing.T) {
 			}
 			return id, nil
 		}, opts...)
+		defer b.Close() // also if a check fails: the tests after count goroutines
 		for name, ctx := range ctxs {
 			seen := map[int]bool{}
 			for range 30 {
@@ -3183,7 +3184,6 @@ func TestWorkerID(t *testing.T) {
 			}
 			assert.Len(t, seen, 3, "%s: every worker has its ID", name)
 		}
-		require.NoError(t, b.Close())
 	}
 	for _, ctx := range []context.Context{nil, context.Background(), cancellable} {
 		id, ok := WorkerID(ctx)
@@ -3194,7 +3194,7 @@ func TestWorkerID(t *testing.T) {
 	inner := mustNew(t, 5, func(ctx context.Context, i int) (int, error) {
 		id, _ := WorkerID(ctx)
 		return id, nil
-	})
+	}, WithLoadEstimate(false)) // its workers take turns, so most IDs are not the outer's
 	defer inner.Close()
 	outer := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
 		res := <-must(inner.Submit(ctx, i))
@@ -3203,6 +3203,18 @@ func TestWorkerID(t *testing.T) {
 	defer outer.Close()
 	for range 20 {
 		v, err := outer.Do(cancellable, 0)
+		require.NoError(t, err)
+		assert.Equal(t, v/10, v%10, "the inner Func sees its own worker's ID")
+	}
+	// The outer Func's context with its cancellation taken off carries
+	// only values, the outer worker's ID among them.
+	detached := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+		res := <-must(inner.Submit(context.WithoutCancel(ctx), i))
+		return res.Value*10 + res.Worker, res.Err
+	})
+	defer detached.Close()
+	for range 20 {
+		v, err := detached.Do(cancellable, 0)
 		require.NoError(t, err)
 		assert.Equal(t, v/10, v%10, "the inner Func sees its own worker's ID")
 	}

@@ -183,7 +183,7 @@ muts = {
  "a values context does not answer WorkerID": ("balancer.go", "\tif key == (workerKey{}) {\n\t\treturn c.w\n\t}\n\tif v := c.values.Value(key); v != nil {", "\tif v := c.values.Value(key); v != nil {"),
  "every worker's context says worker 0": ("worker.go", "ctx:         workerCtx{abort: b.abortCtx, id: id},", "ctx:         workerCtx{abort: b.abortCtx},"),
  "a slot's values context is shared with any context": ("balancer.go", " && v.values == ctx {", " {"),
- "a slot's values context is kept by comparing any two contexts": ("balancer.go", "reflect.TypeOf(ctx).Kind() == reflect.Pointer && v.values == ctx", "v.values == ctx"),
+ "a slot's values context is kept by comparing any two contexts": ("balancer.go", "reflect.TypeOf(ctx).Kind() == reflect.Pointer && v.values == ctx", "reflect.TypeOf(ctx) != nil && v.values == ctx"),
  "a slot keeps no values context": ("balancer.go", "\t\tr.values = &valuesCtx{ctx, &w.ctx}\n\t\treturn r.values, nil", "\t\treturn &valuesCtx{ctx, &w.ctx}, nil"),
  "an ended runCtx reads as live until Done": ("balancer.go", "\tif c.ended.Load() {\n\t\treturn c.own()\n\t}\n\treturn nil", "\treturn nil"),
  "a runCtx made after its end is not ended": ("balancer.go", "\t\tif c.cause != nil {\n\t\t\tc.cancel(c.cause)\n\t\t}\n\t\tc.made.Store(true)", "\t\tc.made.Store(true)"),
