@@ -1796,7 +1796,7 @@ func (b *Balancer[Req, Res]) attempt(f *flight[Req, Res], w *worker[Req, Res]) r
 		now := b.now()
 		f.sentAt[0] = now
 		if !f.hedged {
-			h.expect(f, now)
+			h.expect(f, now, b.hedgeWins.Load())
 		}
 	}
 	return r
@@ -2118,6 +2118,7 @@ type hedger[Req, Res any] struct {
 	count   atomic.Uint64
 	// The loop's.
 	delay   int64   // the hedge delay, in ns; 0 before hedgeMinSamples successes
+	tail    int64   // the delay while hedges do not pay (see pays)
 	counted uint64  // count when delay was computed
 	scratch []int64 // delay's computation's, kept
 	// due is a queue, from head, of the deadlines in the order set, which is
@@ -2129,6 +2130,10 @@ type hedger[Req, Res any] struct {
 	pruned   int                  // len(due) when it last did (see prune)
 	maxSends int                  // attempts a request may be sent: WithRetry's, at least 2
 	fired    bool                 // timer fired: some deadline may have passed
+	// Whether hedges pay: won[i%hedgeJudged] is b.hedgeWins as the loop
+	// sent hedge number i, and sent counts them.
+	won  [hedgeJudged]uint64
+	sent uint64
 	timer    *time.Timer
 	armed    int64 // what timer is set for, 0 if not set
 }
@@ -2142,11 +2147,16 @@ type deadline[Req, Res any] struct {
 }
 
 // The window's size, the successes before the first hedge, and how many
-// new successes make the loop compute the delay again.
+// new successes make the loop compute the delay again. Hedges pay while at
+// least hedgeJudged/hedgePaid of the latest hedgeJudged won; while they do
+// not, the delay is the window's hedgeTail quantile.
 const (
 	hedgeWindow     = 1024
 	hedgeMinSamples = 100
 	hedgeEvery      = 64
+	hedgeJudged     = 32
+	hedgePaid       = 8
+	hedgeTail       = 0.999
 )
 
 func newHedger[Req, Res any](o hedgeOption, attempts int) *hedger[Req, Res] {
@@ -2163,17 +2173,37 @@ func (h *hedger[Req, Res]) record(at int64) {
 
 // expect sets the hedge deadline of f's latest attempt, sent at now, if
 // the window is ready, computing the delay again if it has enough new
-// successes.
-func (h *hedger[Req, Res]) expect(f *flight[Req, Res], now int64) {
+// successes; won is b.hedgeWins.
+func (h *hedger[Req, Res]) expect(f *flight[Req, Res], now int64, won uint64) {
 	if n := h.count.Load(); n >= hedgeMinSamples && n-h.counted >= hedgeEvery {
 		h.reckon(n)
 	}
 	if h.delay == 0 {
 		return
 	}
+	delay := h.delay
+	if !h.pays(won) {
+		delay = h.tail
+	}
 	h.prune()
-	h.due = append(h.due, deadline[Req, Res]{now + h.delay, f, f.sends})
+	h.due = append(h.due, deadline[Req, Res]{now + delay, f, f.sends})
 	h.arm(now)
+}
+
+// pays reports whether hedges pay, won being b.hedgeWins: whether at
+// least 1 in hedgePaid of the latest hedgeJudged hedges won, or fewer were
+// sent. A copy of a request that is merely big cannot win: it takes as
+// long, from later. So where slow attempts are big requests, hedges stop
+// paying and wait for the tail, and a hedge that wins there (a stalled
+// worker's request) brings them back.
+func (h *hedger[Req, Res]) pays(won uint64) bool {
+	return h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid
+}
+
+// sending counts a hedge the loop sends, won being b.hedgeWins.
+func (h *hedger[Req, Res]) sending(won uint64) {
+	h.won[h.sent%hedgeJudged] = won
+	h.sent++
 }
 
 // prune drops settled deadlines from due before their time: those at its
@@ -2212,6 +2242,9 @@ func (h *hedger[Req, Res]) reckon(n uint64) {
 	}
 	k := int(h.quantile * float64(len(h.scratch)-1))
 	h.delay = max(nth(h.scratch, k), h.minDelay, 1)
+	// nth left the larger times after k.
+	t := int(max(h.quantile, hedgeTail) * float64(len(h.scratch)-1))
+	h.tail = max(nth(h.scratch[k:], t-k), h.delay)
 }
 
 // nth returns the k-th smallest of xs, reordering them: quickselect.
@@ -2369,6 +2402,7 @@ func (b *Balancer[Req, Res]) hedge(d deadline[Req, Res], now int64) bool {
 	f.tried = append(f.tried, w.id)
 	b.budget.spend()
 	b.hedges.Add(1)
+	b.hedging.sending(b.hedgeWins.Load())
 	b.pending++
 	b.sched.dispatchTo(w)
 	r := f.r

@@ -5489,6 +5489,7 @@ type hedgePool struct {
 	runs  map[int]int                                     // per request
 	log   []string                                        // what the hung attempts saw, in order
 	epoch time.Time                                       // the log's times count from it
+	size  func(req int) time.Duration                     // how long req takes, if not 10 ms; then its Func honours its ctx
 }
 
 func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
@@ -5506,6 +5507,14 @@ func newHedgePool(t *testing.T, workers int, opts ...Option) *hedgePool {
 				p.log = append(p.log, fmt.Sprintf("worker %d, request %d: %v after %v", i, req, context.Cause(ctx), time.Since(p.epoch)))
 				p.mu.Unlock()
 				return 0, ctx.Err()
+			}
+			if p.size != nil { // sized requests honour their ctx
+				select {
+				case <-time.After(p.size(req)):
+				case <-ctx.Done():
+					return 0, ctx.Err()
+				}
+				return req, err
 			}
 			time.Sleep(10 * time.Millisecond)
 			return req, err
@@ -5557,6 +5566,51 @@ func TestHedgeGoesAtTheQuantileAndTheFirstSuccessWins(t *testing.T) {
 		assert.Zero(t, lost.FailureRate)
 		assert.Zero(t, lost.Streak)
 		assert.Equal(t, 10*time.Millisecond, lost.MeanService, "nor a sample of its speed")
+	})
+}
+
+// Hedges that do not pay back off: once fewer than 4 of the latest 32
+// hedges won, a request waits for the window's 99.9th percentile before
+// its hedge, and 4 wins among the latest 32 bring the quantile back.
+func TestHedgesThatDoNotPayBackOff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		p := newHedgePool(t, 2, WithRetryBudget(1, 0)) // a hedge for every request
+		defer p.b.Close()
+		// 98 successes of 10 ms and 2 of 40: p95 10 ms, p99.9 40 ms.
+		p.size = func(req int) time.Duration {
+			switch {
+			case req == -1 || req == -2:
+				return 40 * time.Millisecond
+			case req >= 1000: // merely big: as long on any worker
+				return 15 * time.Millisecond
+			}
+			return 10 * time.Millisecond
+		}
+		p.warm(t, 100)
+		hedged := func(req int) time.Duration {
+			start := time.Now()
+			res := <-mustSubmit(t, p.b, req)
+			require.NoError(t, res.Err)
+			return time.Since(start)
+		}
+		for i := range hedgeJudged {
+			// Hedged past 10 ms; the copy cannot win.
+			require.Equal(t, 15*time.Millisecond, hedged(1000+i))
+		}
+		s := p.b.Stats()
+		require.Equal(t, [2]uint64{hedgeJudged, 0}, [2]uint64{s.Hedges, s.HedgeWins})
+		assert.Equal(t, 15*time.Millisecond, hedged(2000))
+		assert.Equal(t, uint64(hedgeJudged), p.b.Stats().Hedges, "no hedge before 40 ms now")
+
+		// Hung attempts: each hedged past 40 ms wins 10 ms later, until
+		// 4 of the latest 32 have won.
+		p.stall = func(w, req, n int) (bool, error) { return req < 100 && n == 1, nil }
+		for i := range hedgeJudged / hedgePaid {
+			assert.Equal(t, 50*time.Millisecond+time.Nanosecond, hedged(i), "hung request %d", i)
+		}
+		assert.Equal(t, 20*time.Millisecond+time.Nanosecond, hedged(99), "hedges pay again: past 10 ms")
+		s = p.b.Stats()
+		assert.Equal(t, [2]uint64{hedgeJudged + hedgeJudged/hedgePaid + 1, hedgeJudged/hedgePaid + 1}, [2]uint64{s.Hedges, s.HedgeWins})
 	})
 }
 
