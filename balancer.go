@@ -456,6 +456,12 @@ func (h hedgeOption) apply(o *options) { o.hedge = h }
 // worker's and those stuck in a worker's queue are all stragglers against
 // the rest; there is no hedging before 100 successes.
 //
+// Hedges that do not pay back off. A copy of a request that is merely big
+// cannot win: it takes as long, from later. So while fewer than 4 of the
+// latest 32 hedges won, a request waits for the window's 99.9th percentile
+// (or the quantile, if higher) before its hedge; hedges that win there, as
+// a stalled worker's requests' do, bring the quantile back.
+//
 // A hedge uses spare capacity only: it never queues at a worker, and none
 // is sent while callers wait for capacity, so hedging backs off by itself
 // as the load rises; a request past its deadline keeps its claim and gets
@@ -2132,10 +2138,10 @@ type hedger[Req, Res any] struct {
 	fired    bool                 // timer fired: some deadline may have passed
 	// Whether hedges pay: won[i%hedgeJudged] is b.hedgeWins as the loop
 	// sent hedge number i, and sent counts them.
-	won  [hedgeJudged]uint64
-	sent uint64
-	timer    *time.Timer
-	armed    int64 // what timer is set for, 0 if not set
+	won   [hedgeJudged]uint64
+	sent  uint64
+	timer *time.Timer
+	armed int64 // what timer is set for, 0 if not set
 }
 
 // A deadline is when f's attempt number sends is to be hedged, in b.now()'s

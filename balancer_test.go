@@ -5614,6 +5614,26 @@ func TestHedgesThatDoNotPayBackOff(t *testing.T) {
 	})
 }
 
+// Hedges pay while 4 of the latest 32 won: wins older than that do not
+// count.
+func TestHedgePaysOverTheLatest(t *testing.T) {
+	var h hedger[int, int]
+	for range hedgeJudged - 1 {
+		h.sending(0)
+	}
+	assert.True(t, h.pays(0), "fewer than 32 hedges sent")
+	h.sending(0)
+	assert.False(t, h.pays(0), "32 hedges, none won")
+	assert.False(t, h.pays(hedgeJudged/hedgePaid-1))
+	assert.True(t, h.pays(hedgeJudged/hedgePaid), "4 of the latest 32 won")
+	for range hedgeJudged - 1 {
+		h.sending(hedgeJudged / hedgePaid)
+	}
+	assert.True(t, h.pays(hedgeJudged/hedgePaid), "the 4 wins came after the 32nd oldest hedge")
+	h.sending(hedgeJudged / hedgePaid)
+	assert.False(t, h.pays(hedgeJudged/hedgePaid), "the 4 wins are older than the latest 32")
+}
+
 func TestHedgeNeedsHundredSuccesses(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p := newHedgePool(t, 2)

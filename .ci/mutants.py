@@ -192,6 +192,11 @@ muts = {
  "a Func's ctx lives on after it returned": ("worker.go", "\t\t\trc.end(nil)\n", ""),
  "a runCtx ignores its request's values": ("balancer.go", "\treturn c.parent.Value(key)\n}", "\treturn nil\n}"),
  "a runCtx ignores its request's deadline": ("balancer.go", "func (c *runCtx) Deadline() (time.Time, bool) { return c.parent.Deadline() }", "func (c *runCtx) Deadline() (time.Time, bool) { return time.Time{}, false }"),
+ "hedges always pay": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn true"),
+ "hedges that stopped paying never pay again": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn h.sent < hedgeJudged"),
+ "hedges pay on every win ever": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn h.sent < hedgeJudged || won >= hedgeJudged/hedgePaid"),
+ "the tail is the quantile": ("balancer.go", "\th.tail = max(nth(h.scratch[k:], t-k), h.delay)", "\th.tail = h.delay"),
+ "a hedge sent is not judged": ("balancer.go", "\tb.hedging.sending(b.hedgeWins.Load())\n", ""),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
