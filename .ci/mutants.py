@@ -195,7 +195,7 @@ muts = {
  "hedges always pay": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn true"),
  "hedges that stopped paying never pay again": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn h.sent < hedgeJudged"),
  "hedges pay on every win ever": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn h.sent < hedgeJudged || won >= hedgeJudged/hedgePaid"),
- "the tail is the quantile": ("balancer.go", "\th.tail = max(nth(h.scratch[k:], t-k), h.delay)", "\th.tail = h.delay"),
+ "the tail is the quantile": ("balancer.go", "\tt := int(max(h.quantile, hedgeTail) * float64(len(h.scratch)-1))", "\tt := k"),
  "a hedge sent is not judged": ("balancer.go", "\tb.hedging.sending(b.hedgeWins.Load())\n", ""),
 }
 only = sys.argv[1:]
