@@ -162,7 +162,7 @@ muts = {
  "ejected at once, between the look for room and the dispatch": ("pool.go", "\t\t\tw.doomed = true // ejected at the loop's next look (see settle)\n\t\t\ts.doomed = append(s.doomed, w)\n\t\t}\n\t\ts.touch(w)", "\t\t\tif s.ejectable() {\n\t\t\t\ts.ejectWorker(w)\n\t\t\t\treturn\n\t\t\t}\n\t\t}\n\t\ts.touch(w)"),
  "a values-only context loses Shutdown's cause": ("balancer.go", "\t\treturn v\n\t}\n\treturn c.w.Value(key)", "\t\treturn v\n\t}\n\treturn nil"),
  "a values-only context is not cancelled by Shutdown": ("balancer.go", "func (c *valuesCtx) Done() <-chan struct{}       { return c.w.Done() }", "func (c *valuesCtx) Done() <-chan struct{}       { return nil }"),
- "a hedge goes before the quantile": ("balancer.go", "h.due = append(h.due, deadline[Req, Res]{now + h.delay, f, f.sends})", "h.due = append(h.due, deadline[Req, Res]{now + h.delay/2, f, f.sends})"),
+ "a hedge goes before the quantile": ("balancer.go", "h.due = append(h.due, deadline[Req, Res]{now + delay, f, f.sends})", "h.due = append(h.due, deadline[Req, Res]{now + delay/2, f, f.sends})"),
  "hedging before 100 successes": ("balancer.go", "if n := h.count.Load(); n >= hedgeMinSamples && n-h.counted >= hedgeEvery {", "if n := h.count.Load(); n >= 1 && n-h.counted >= 1 {"),
  "the hedge's loser is not cancelled": ("worker.go", "\t\t\tc.end(ErrHedgeLost)\n\t\t}\n\t\tfallthrough", "\t\t\t_ = c\n\t\t}\n\t\tfallthrough"),
  "the loser is cancelled without a cause": ("worker.go", "\t\t\tc.end(ErrHedgeLost)\n\t\t}\n\t\tfallthrough", "\t\t\tc.end(nil)\n\t\t}\n\t\tfallthrough"),
