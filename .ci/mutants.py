@@ -173,7 +173,7 @@ muts = {
  "a hedge without spare capacity is dropped": ("balancer.go", "\t\t\tspare = false\n\t\t\th.late = append(h.late, d)\n", "\t\t\tspare = false\n"),
  "hedges ignore the budget": ("balancer.go", "\tif !b.budget.allow(now) {\n\t\tb.refusals.Add(1)\n\t\treturn true\n\t}\n\tf.sentAt[1]", "\tif false {\n\t\tb.refusals.Add(1)\n\t\treturn true\n\t}\n\tf.sentAt[1]"),
  "two hedges for one request": ("balancer.go", "\tf.hedged = true\n\tf.tried = append(f.tried, w.id)", "\tf.tried = append(f.tried, w.id)"),
- "a hedge is not pending": ("balancer.go", "\tb.hedges.Add(1)\n\tb.pending++\n", "\tb.hedges.Add(1)\n"),
+ "a hedge is not pending": ("balancer.go", "\tb.hedging.sending(b.hedgeWins.Load())\n\tb.pending++\n", "\tb.hedging.sending(b.hedgeWins.Load())\n"),
  "hedge runs ignore the attempts limit": ("balancer.go", " || f.hedged || f.sends >= h.maxSends\n", " || f.hedged\n"),
  "a lost straggler leaves no age": ("worker.go", "\t\t\t\tw.lostAge.Store(end - start)\n", ""),
  "hedge options not checked": ("balancer.go", "\tcase o.hedge.on && !(o.hedge.quantile >= 0.5 && o.hedge.quantile < 1):", "\tcase false:"),
