@@ -2387,10 +2387,19 @@ func TestStress(t *testing.T) {
 			debug.SetTraceback("all")
 			panic(fmt.Sprintf("TestStress: round %d still running after %v: replay with BALANCER_SEED=%d", r, stressRoundLimit, seed))
 		})
-		st.run(t)
-		watchdog.Stop()
+		func() {
+			// A check that fails stops the test from inside run: say
+			// which round, on the way out.
+			defer func() {
+				watchdog.Stop()
+				if t.Failed() {
+					t.Logf("round %d (its own seed %d) failed: replay with BALANCER_SEED=%d", r, seed+r, seed)
+				}
+			}()
+			st.run(t)
+		}()
 		if t.Failed() {
-			t.Fatalf("round %d failed: replay with BALANCER_SEED=%d", r, seed)
+			t.FailNow()
 		}
 		made += st.accepted.Load() + st.refused.Load() + st.dos.Load()
 		accepted += st.accepted.Load()
