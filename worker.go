@@ -54,7 +54,8 @@ type runner struct {
 	since atomic.Int64           // b.now() when the request it runs started; 0 while idle
 	ctx   atomic.Pointer[runCtx] // the runCtx of the request it runs, if it has one, for Shutdown to end (see runContext)
 	// values is the slot's own: the valuesCtx of the latest request it ran
-	// with one, for the next with the same context (see runContext).
+	// with one, for the next with the same context (see runContext). It
+	// keeps that context's values alive until the slot's next such request.
 	values *valuesCtx
 }
 
