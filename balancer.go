@@ -2009,7 +2009,7 @@ func (b *Balancer[Req, Res]) dropQueued() {
 				res := Result[Req, Res]{Req: r.req, Err: ErrClosed, Worker: w.id}
 				v := deliver
 				if r.fl != nil {
-					v, res.Attempts = r.fl.end(false, false)
+					v, res.Attempts = r.fl.end(false, false, b.attempts)
 				}
 				if v == deliver {
 					r.deliver(res)

@@ -5643,6 +5643,25 @@ func TestHedgePaysOverTheLatest(t *testing.T) {
 	assert.False(t, h.pays(hedgeJudged/hedgePaid), "the 4 wins are older than the latest 32")
 }
 
+// An attempt that fails decides whether its request is tried again by the
+// runs as of its end, not as of its look at them before: with WithRetry(3),
+// a retry's hedge may start, fail and end between the retry's look (2
+// runs) and its end (3 runs). The stress test found that interleaving: the
+// request then ran a fourth time.
+func TestFlightRetriesWithinTheAttemptsAsOfItsEnd(t *testing.T) {
+	var f flight[int, int]
+	f.state.Store(3*flightRun + flightLive) // 3 runs; the retry, the last live attempt, ends
+	v, runs := f.end(false, true, 3)        // its caller counted 2 runs and would try again
+	assert.Equal(t, deliver, v, "the third run's outcome stands")
+	assert.Equal(t, 3, runs)
+	assert.True(t, f.done())
+
+	f.state.Store(2*flightRun + flightLive)
+	v, _ = f.end(false, true, 3)
+	assert.Equal(t, handBack, v, "2 runs of 3: tried again")
+	assert.False(t, f.done())
+}
+
 func TestHedgeNeedsHundredSuccesses(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		p := newHedgePool(t, 2)

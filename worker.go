@@ -367,7 +367,7 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	if f := r.fl; f != nil {
 		res.Attempts = f.runs()
 		again := w.b.attempts > 1 && w.retries(r, &res, c)
-		v, res.Attempts = f.end(c == Success, again)
+		v, res.Attempts = f.end(c == Success, again, w.b.attempts)
 	} else if w.b.attempts > 1 && w.retries(r, &res, c) {
 		v = handBack
 	}
@@ -539,8 +539,11 @@ const (
 // retry rules would try again, and returns the verdict on its outcome and
 // the runs as of the verdict. The first success decides; a failure waits
 // for the other copy if it is live, and otherwise decides, unless it is
-// tried again.
-func (f *flight[Req, Res]) end(success, again bool) (verdict, int) {
+// tried again, which it is only while fewer than attempts runs started.
+// The caller's count of runs may be stale: the other copy may have
+// started, and ended, since. At the verdict nothing is live, so no run
+// can start any more and the count in s is final.
+func (f *flight[Req, Res]) end(success, again bool, attempts int) (verdict, int) {
 	for {
 		s := f.state.Load()
 		if s&flightDone != 0 {
@@ -552,7 +555,7 @@ func (f *flight[Req, Res]) end(success, again bool) (verdict, int) {
 			v, next = win, next|flightDone
 		case next&flightLives != 0:
 			v = wait
-		case again:
+		case again && int(s&flightRuns) < attempts:
 			v = handBack
 		default:
 			next |= flightDone

@@ -197,6 +197,7 @@ muts = {
  "hedges pay on every win ever": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn h.sent < hedgeJudged || won >= hedgeJudged/hedgePaid"),
  "the tail is the quantile": ("balancer.go", "\tt := int(max(h.quantile, hedgeTail) * float64(len(h.scratch)-1))", "\tt := k"),
  "a hedge sent is not judged": ("balancer.go", "\tb.hedging.sending(b.hedgeWins.Load())\n", ""),
+ "a retry counts the runs its attempt saw, not those at its end": ("worker.go", "\t\tcase again && int(s&flightRuns) < attempts:", "\t\tcase again:"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
