@@ -3016,6 +3016,16 @@ func TestShutdownCancelsWithCause(t *testing.T) {
 	}
 }
 
+// keeper is a balancer of one worker whose Func hands out the ctx it ran
+// under, for a test to look at after the Func returned.
+func keeper(t *testing.T) (*Balancer[int, int], <-chan context.Context) {
+	kept := make(chan context.Context, 1)
+	return mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
+		kept <- ctx
+		return i, nil
+	}), kept
+}
+
 // A Func's ctx tells its request's deadline and values, and, when the
 // request's context can be done, is done once the Func has returned, like
 // a context the balancer derived and cancelled: a goroutine the Func left
@@ -3023,11 +3033,7 @@ func TestShutdownCancelsWithCause(t *testing.T) {
 func TestFuncContextIsTheRequests(t *testing.T) {
 	type key struct{}
 	synctest.Test(t, func(t *testing.T) {
-		kept := make(chan context.Context, 1)
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			kept <- ctx
-			return i, nil
-		})
+		b, kept := keeper(t)
 		defer b.Close()
 		parent, cancel := context.WithTimeout(context.WithValue(context.Background(), key{}, "v"), time.Hour)
 		defer cancel()
@@ -3050,8 +3056,9 @@ func TestFuncContextIsTheRequests(t *testing.T) {
 
 		// Asked for Done while the Func runs, ended by the request's
 		// context, with its cause.
+		running := make(chan context.Context, 1)
 		b2 := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			kept <- ctx
+			running <- ctx
 			<-ctx.Done()
 			return i, nil
 		})
@@ -3060,7 +3067,7 @@ func TestFuncContextIsTheRequests(t *testing.T) {
 		parent2, cancel2 := context.WithCancelCause(parent)
 		c, err := b2.Submit(parent2, 2)
 		require.NoError(t, err)
-		ctx = <-kept
+		ctx = <-running
 		synctest.Wait()
 		assert.NoError(t, ctx.Err(), "done before anything ended it")
 		cancel2(errGone)
@@ -3110,11 +3117,7 @@ func TestFuncContextKeepsItsFirstEnd(t *testing.T) {
 		assert.ErrorIs(t, polled(t, leave, shutdown), errGone)
 	})
 	synctest.Test(t, func(t *testing.T) {
-		kept := make(chan context.Context, 1)
-		b := mustNew(t, 1, func(ctx context.Context, i int) (int, error) {
-			kept <- ctx
-			return i, nil
-		})
+		b, kept := keeper(t)
 		defer b.Close()
 		ctx, cancel := context.WithCancelCause(context.Background())
 		_, err := b.Do(ctx, 1)
