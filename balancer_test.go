@@ -5626,6 +5626,70 @@ func TestHedgesThatDoNotPayBackOff(t *testing.T) {
 	})
 }
 
+// A worker whose estimate is more than two steps of the scale slower than
+// its prior is slow by as many times as the estimate says; one of the usual
+// speed, one not measured or whose estimate expired, and every worker
+// without the load estimate, are not.
+func TestSlowness(t *testing.T) {
+	h := newHeapHarness(1, true)
+	h.fixRef(10 * time.Millisecond)
+	slow := func(weight float64, level time.Duration) *worker[int, int] {
+		w := h.add(weight)
+		w.level.Store(int64(level))
+		return w
+	}
+	assert.Equal(t, 1.0, h.s.slowness(h.add(1)), "not measured")
+	assert.Equal(t, 1.0, h.s.slowness(slow(1, 10*time.Millisecond)), "the usual speed")
+	assert.Equal(t, 1.0, h.s.slowness(slow(1, 22*time.Millisecond)), "within two steps: noise")
+	assert.Equal(t, 4.0, h.s.slowness(slow(1, 40*time.Millisecond)))
+	assert.Equal(t, 4.0, h.s.slowness(slow(2, 20*time.Millisecond)), "at its weight: its prior is 5 ms")
+	assert.Equal(t, 1.0, h.s.slowness(slow(2, 10*time.Millisecond)), "twice the prior of its weight, but within two steps")
+	lapsed := slow(1, 40*time.Millisecond)
+	lapsed.lapsed = true
+	assert.Equal(t, 1.0, h.s.slowness(lapsed), "its estimate expired: it counts as its prior")
+	h.s.estimate = false
+	assert.Equal(t, 1.0, h.s.slowness(slow(1, 40*time.Millisecond)), "without the load estimate")
+}
+
+// An attempt sent to a worker 4 times slower than its peers gets its hedge
+// deadline 4 delays after it was sent, in its place among the deadlines
+// set after it, which come due first.
+func TestHedgeWaitsLongerAtASlowWorker(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHeapHarness(1, true)
+		h.fixRef(10 * time.Millisecond)
+		fast, slow := h.add(1), h.add(1)
+		fast.level.Store(int64(10 * time.Millisecond))
+		slow.level.Store(int64(40 * time.Millisecond))
+		b := h.b
+		b.epoch = time.Now()
+		b.hedging = newHedger[int, int](hedgeOption{true, 0.95, 0}, 1)
+		defer b.hedging.timer.Stop()
+		b.hedging.delay = int64(10 * time.Millisecond)
+		send := func(w *worker[int, int]) *flight[int, int] {
+			f := &flight[int, int]{}
+			f.state.Store(flightLive)
+			f.tried = f.buf[:0]
+			b.attempt(f, w)
+			time.Sleep(time.Millisecond)
+			return f
+		}
+		start := b.now()
+		sent := []*flight[int, int]{send(fast), send(slow), send(fast), send(fast)}
+		var due []string
+		for _, d := range append(b.hedging.due[b.hedging.head:], b.hedging.slow...) {
+			due = append(due, fmt.Sprintf("attempt %d at %v", slices.Index(sent, d.f), time.Duration(d.at-start)))
+		}
+		assert.Equal(t, []string{"attempt 0 at 10ms", "attempt 2 at 12ms", "attempt 3 at 13ms", "attempt 1 at 41ms"}, due)
+		assert.Equal(t, start+int64(10*time.Millisecond), b.hedging.armed, "the timer is for the first")
+		var popped []string
+		for d, ok := b.hedging.pop(start + int64(time.Second)); ok; d, ok = b.hedging.pop(start + int64(time.Second)) {
+			popped = append(popped, fmt.Sprintf("attempt %d at %v", slices.Index(sent, d.f), time.Duration(d.at-start)))
+		}
+		assert.Equal(t, due, popped, "they come due in the order of their times")
+	})
+}
+
 // Hedges pay while 4 of the latest 32 won: wins older than that do not
 // count.
 func TestHedgePaysOverTheLatest(t *testing.T) {

@@ -302,6 +302,22 @@ func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
 	return s.now-w.seen.Load() > w.patience<<w.impatience
 }
 
+// slowness is how many times as long as its prior w's estimate is, as of
+// its cost's last computation, if that is more than bucket² (as in
+// probed: a worker of the usual speed seldom looks that slow); 1 if not,
+// if its estimate expired or there is none, or without the load estimate.
+// It stretches the hedge delay of w's attempts (see Balancer.attempt): a
+// request at a worker known to be slow is not a straggler, and the
+// estimate already steers work off that worker.
+func (s *sched[Req, Res]) slowness(w *worker[Req, Res]) float64 {
+	prior := s.ref / w.weight
+	t := float64(w.level.Load())
+	if !s.estimate || prior == 0 || w.lapsed || t <= bucket*bucket*prior {
+		return 1
+	}
+	return t / prior
+}
+
 // probed records that w's probe completed, once the loop has taken its
 // completion. If its run took more than two steps' worth of the worker's
 // prior (bucket²), the loop becomes twice as patient with the worker
