@@ -5652,15 +5652,17 @@ func TestSlowness(t *testing.T) {
 }
 
 // An attempt sent to a worker 4 times slower than its peers gets its hedge
-// deadline 4 delays after it was sent, in its place among the deadlines
-// set after it, which come due first.
+// deadline 4 delays after it was sent, one to a worker 8 times slower 8
+// delays after, and each comes due in its place among the deadlines set
+// after it.
 func TestHedgeWaitsLongerAtASlowWorker(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := newHeapHarness(1, true)
 		h.fixRef(10 * time.Millisecond)
-		fast, slow := h.add(1), h.add(1)
+		fast, slow, slower := h.add(1), h.add(1), h.add(1)
 		fast.level.Store(int64(10 * time.Millisecond))
 		slow.level.Store(int64(40 * time.Millisecond))
+		slower.level.Store(int64(80 * time.Millisecond))
 		b := h.b
 		b.epoch = time.Now()
 		b.hedging = newHedger[int, int](hedgeOption{true, 0.95, 0}, 1)
@@ -5675,18 +5677,34 @@ func TestHedgeWaitsLongerAtASlowWorker(t *testing.T) {
 			return f
 		}
 		start := b.now()
-		sent := []*flight[int, int]{send(fast), send(slow), send(fast), send(fast)}
+		sent := []*flight[int, int]{send(slower), send(fast), send(slow), send(fast), send(fast), send(slow)}
+		time.Sleep(30 * time.Millisecond)
+		sent = append(sent, send(fast))
+		at := func(d deadline[int, int]) string {
+			return fmt.Sprintf("attempt %d at %v", slices.Index(sent, d.f), time.Duration(d.at-start))
+		}
 		var due []string
 		for _, d := range append(b.hedging.due[b.hedging.head:], b.hedging.slow...) {
-			due = append(due, fmt.Sprintf("attempt %d at %v", slices.Index(sent, d.f), time.Duration(d.at-start)))
+			due = append(due, at(d))
 		}
-		assert.Equal(t, []string{"attempt 0 at 10ms", "attempt 2 at 12ms", "attempt 3 at 13ms", "attempt 1 at 41ms"}, due)
-		assert.Equal(t, start+int64(10*time.Millisecond), b.hedging.armed, "the timer is for the first")
+		assert.Equal(t, []string{"attempt 1 at 11ms", "attempt 3 at 13ms", "attempt 4 at 14ms", "attempt 6 at 46ms", "attempt 2 at 42ms", "attempt 5 at 45ms", "attempt 0 at 80ms"}, due)
+		assert.Equal(t, start+int64(11*time.Millisecond), b.hedging.armed, "the timer is for the first")
 		var popped []string
 		for d, ok := b.hedging.pop(start + int64(time.Second)); ok; d, ok = b.hedging.pop(start + int64(time.Second)) {
-			popped = append(popped, fmt.Sprintf("attempt %d at %v", slices.Index(sent, d.f), time.Duration(d.at-start)))
+			popped = append(popped, at(d))
 		}
-		assert.Equal(t, due, popped, "they come due in the order of their times")
+		assert.Equal(t, []string{"attempt 1 at 11ms", "attempt 3 at 13ms", "attempt 4 at 14ms", "attempt 2 at 42ms", "attempt 5 at 45ms", "attempt 6 at 46ms", "attempt 0 at 80ms"}, popped,
+			"they come due in the order of their times")
+
+		b.hedging.armed = 0
+		f := send(slow)
+		assert.Equal(t, f.sentAt[0]+int64(40*time.Millisecond), b.hedging.armed, "the timer is for the slow worker's attempt, the only one")
+		f.state.Store(flightDone)
+		for range 15 {
+			send(slow).state.Store(flightDone)
+		}
+		send(slow)
+		assert.Len(t, b.hedging.slow, 1, "the settled are dropped")
 	})
 }
 

@@ -197,6 +197,15 @@ muts = {
  "hedges pay on every win ever": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn h.sent < hedgeJudged || won >= hedgeJudged/hedgePaid"),
  "the tail is the quantile": ("balancer.go", "\tt := int(max(h.quantile, hedgeTail) * float64(len(h.scratch)-1))", "\tt := k"),
  "a hedge sent is not judged": ("balancer.go", "\tb.hedging.sending(b.hedgeWins.Load())\n", ""),
+ "a slow worker's hedge waits as long as any": ("balancer.go", "h.expect(f, now, b.hedgeWins.Load(), b.sched.slowness(w))", "h.expect(f, now, b.hedgeWins.Load(), 1)"),
+ "slowness takes noise for slowness": ("pool.go", "|| w.lapsed || t <= bucket*bucket*prior {", "|| w.lapsed || t <= prior {"),
+ "slowness ignores the weight": ("pool.go", "\tprior := s.ref / w.weight\n\tt := float64(w.level.Load())\n\tif !s.estimate", "\tprior := s.ref\n\tt := float64(w.level.Load())\n\tif !s.estimate"),
+ "slowness trusts an expired estimate": ("pool.go", "|| w.lapsed || t <= bucket*bucket*prior {", "|| t <= bucket*bucket*prior {"),
+ "slowness without the load estimate": ("pool.go", "if !s.estimate || prior == 0 || w.lapsed", "if prior == 0 || w.lapsed"),
+ "slow deadlines out of order": ("balancer.go", "\t\tfor i > 0 && h.slow[i-1].at > d.at {", "\t\tfor false {"),
+ "due's deadlines before slow's": ("balancer.go", "if h.head < len(h.due) && h.due[h.head].at < now && (len(h.slow) == 0 || h.due[h.head].at <= h.slow[0].at) {", "if h.head < len(h.due) && h.due[h.head].at < now {"),
+ "the timer ignores slow deadlines": ("balancer.go", "\tcase len(h.slow) > 0:\n\t\tat = h.slow[0].at", "\tcase false:\n\t\tat = h.slow[0].at"),
+ "slow deadlines never dropped": ("balancer.go", "if len(h.slow) >= 2*h.slowKept+16 {", "if false {"),
  "a retry counts the runs its attempt saw, not those at its end": ("worker.go", "\t\tcase again && int(s&flightRuns) < attempts:", "\t\tcase again:"),
 }
 only = sys.argv[1:]
