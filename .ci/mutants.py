@@ -8,6 +8,8 @@ muts = {
  "depth ignored": ("pool.go", "return s.pool.Len() > 0 && s.pool.root().pending < s.pool.root().limit", "return s.pool.Len() > 0"),
  "result channel unbuffered": ("balancer.go", "reply := make(chan Result[Req, Res], 1)\n\tif err := b.submit(", "reply := make(chan Result[Req, Res])\n\tif err := b.submit("),
  "no recover": ("worker.go", "\t\tclass = Failure\n\t\tif v := recover(); v != nil {", "\t\tclass = Failure\n\t\tif v := any(nil); v != nil {"),
+ "fix forgets the index of a slot it moves up": ("pool.go", "\t\tslots[j] = slots[up]\n\t\tat[slots[j].h] = j\n", "\t\tslots[j] = slots[up]\n"),
+ "fix forgets the index of a slot it moves down": ("pool.go", "\t\t\tslots[j] = slots[c]\n\t\t\tat[slots[j].h] = j\n", "\t\t\tslots[j] = slots[c]\n"),
  "Swap forgets index": ("pool.go", "\tp.at[p.slots[i].h] = i\n\tp.at[p.slots[j].h] = j\n", ""),
  "Close drops queued": ("balancer.go", "\tcase c.op == opQuit:\n\t\tb.closing = true\n", "\tcase c.op == opQuit:\n\t\tb.closing = true\n\t\tfor _, s := range b.sched.pool.slots {\n\t\t\tfor len(s.w.reqs) > 0 {\n\t\t\t\t<-s.w.reqs\n\t\t\t\ts.w.pending--\n\t\t\t\tb.pending--\n\t\t\t}\n\t\t}\n"),
  "loop exits without draining": ("balancer.go", "for !b.closing || b.pending > 0 {", "for !b.closing {"),
