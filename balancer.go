@@ -948,7 +948,7 @@ func (b *Balancer[Req, Res]) refuseQueued() {
 	for w := b.queue.Swap(nil); w != nil; {
 		next, r := w.next, w.r // once r has its outcome, w may be reused
 		b.queued.Add(-1)
-		r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
+		r.deliver(&Result[Req, Res]{Req: r.req, Err: ErrClosed})
 		w = next
 	}
 }
@@ -1519,7 +1519,7 @@ func (b *Balancer[Req, Res]) loop() {
 				}
 				r := <-b.requests
 				b.idle.Store(false)
-				b.take(r)
+				b.take(&r)
 			}
 		} else if b.sleep(ready) {
 			var requests chan request[Req, Res]
@@ -1539,7 +1539,7 @@ func (b *Balancer[Req, Res]) loop() {
 			}
 			select {
 			case r := <-requests:
-				b.take(r)
+				b.take(&r)
 			case <-b.wake: // a completion: drain takes it
 			case c := <-b.cmds:
 				b.takeCompletions()
@@ -1620,7 +1620,7 @@ func (b *Balancer[Req, Res]) drain() bool {
 		}
 		select {
 		case r := <-b.requests:
-			b.take(r)
+			b.take(&r)
 			continue
 		default:
 		}
@@ -1678,17 +1678,17 @@ func (b *Balancer[Req, Res]) takeQueued(w *waiter[Req, Res]) {
 	b.queued.Add(-1)
 	switch {
 	case b.closing:
-		r.deliver(Result[Req, Res]{Req: r.req, Err: ErrClosed})
+		r.deliver(&Result[Req, Res]{Req: r.req, Err: ErrClosed})
 	case r.ctx.Err() != nil:
-		r.deliver(Result[Req, Res]{Req: r.req, Err: r.ctx.Err()})
+		r.deliver(&Result[Req, Res]{Req: r.req, Err: r.ctx.Err()})
 	default:
-		b.take(r)
+		b.take(&r)
 	}
 }
 
 // take dispatches a request, or carries out a command that came as one,
 // or ignores a poke from Do.
-func (b *Balancer[Req, Res]) take(r request[Req, Res]) {
+func (b *Balancer[Req, Res]) take(r *request[Req, Res]) {
 	b.takeCompletions()
 	switch {
 	case r.cmd != nil:
@@ -1794,7 +1794,7 @@ func (b *Balancer[Req, Res]) tryAgain(f *flight[Req, Res]) bool {
 		}
 	}
 	b.pending--
-	f.r.deliver(res)
+	f.r.deliver(&res)
 	return true
 }
 
@@ -1876,7 +1876,7 @@ func (b *Balancer[Req, Res]) holdBack() bool {
 }
 
 // dispatch queues r on the least-loaded worker, which has room.
-func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
+func (b *Balancer[Req, Res]) dispatch(r *request[Req, Res]) {
 	b.took++
 	w, probe := b.sched.dispatch()
 	r.probe = probe
@@ -1892,12 +1892,12 @@ func (b *Balancer[Req, Res]) dispatch(r request[Req, Res]) {
 	}
 	w.assigned.Add(1)
 	if b.hedging != nil {
-		r = b.fly(r, w)
+		*r = b.fly(*r, w)
 	}
 	if b.hooks != nil && b.hooks.send != nil {
 		b.hooks.send()
 	}
-	w.reqs <- r // cannot block: pending was below limit = cap(w.reqs)
+	w.reqs <- *r // cannot block: pending was below limit = cap(w.reqs)
 	// grow's test, without its call
 	if w.pending > w.started && w.started < w.concurrency {
 		w.grow()
@@ -1946,7 +1946,7 @@ func (b *Balancer[Req, Res]) apply(c *command[Req, Res]) commandReply {
 	case c.op == opTry:
 		ok := b.sched.hasRoom()
 		if ok {
-			b.dispatch(c.req)
+			b.dispatch(&c.req)
 		}
 		return commandReply{ok: ok}
 	}
@@ -2021,7 +2021,7 @@ func (b *Balancer[Req, Res]) dropQueued() {
 					v, res.Attempts = r.fl.end(false, false, b.attempts)
 				}
 				if v == deliver {
-					r.deliver(res)
+					r.deliver(&res)
 				}
 				dropped.completed++
 				dropped.failed++

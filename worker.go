@@ -38,12 +38,12 @@ type indexed[Req, Res any] struct {
 
 // deliver sends r's one outcome. Whoever ends a request (its worker, or the
 // loop when Shutdown gives up) is the reply channel's only sender.
-func (r request[Req, Res]) deliver(res Result[Req, Res]) {
+func (r *request[Req, Res]) deliver(res *Result[Req, Res]) {
 	if r.batch != nil {
-		r.batch <- indexed[Req, Res]{r.index, res}
+		r.batch <- indexed[Req, Res]{r.index, *res}
 		return
 	}
-	r.reply <- res
+	r.reply <- *res
 	if !r.keep {
 		close(r.reply)
 	}
@@ -210,7 +210,7 @@ func (w *worker[Req, Res]) run(i int) {
 	w.b.slots.Store(id, struct{}{}) // so that Close can tell when a Func calls it
 	defer w.b.slots.Delete(id)
 	for r := range w.reqs {
-		w.serve(i, r)
+		w.serve(i, &r)
 	}
 	if w.live.Add(-1) == 0 {
 		close(w.exited)
@@ -218,7 +218,7 @@ func (w *worker[Req, Res]) run(i int) {
 }
 
 // serve delivers exactly one outcome for r and then reports the freed slot.
-func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
+func (w *worker[Req, Res]) serve(slot int, r *request[Req, Res]) {
 	w.running.Add(1)
 	start := w.b.now()
 	var wait time.Duration
@@ -249,7 +249,7 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 		}
 		class = w.call(slot, start, r, &res)
 	}
-	w.finish(slot, r, res, class)
+	w.finish(slot, r, &res, class)
 }
 
 // call runs the Func for r on slot i and returns the outcome's class (see
@@ -257,7 +257,7 @@ func (w *worker[Req, Res]) serve(slot int, r request[Req, Res]) {
 // and a Failure. If the Func calls runtime.Goexit, this goroutine cannot be
 // saved: call delivers the outcome itself, frees the slot and starts a
 // replacement goroutine for it, which takes over its count in live.
-func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Result[Req, Res]) (class Class) {
+func (w *worker[Req, Res]) call(i int, start int64, r *request[Req, Res], res *Result[Req, Res]) (class Class) {
 	if w.b.hooks != nil && w.b.hooks.run != nil {
 		w.b.hooks.run()
 	}
@@ -298,7 +298,7 @@ func (w *worker[Req, Res]) call(i int, start int64, r request[Req, Res], res *Re
 			return
 		}
 		res.Value, res.Err = *new(Res), ErrGoexit
-		w.finish(i, r, *res, Failure)
+		w.finish(i, r, res, Failure)
 		w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
 		go w.run(i)
 	}()
@@ -361,14 +361,14 @@ func (b *Balancer[Req, Res]) classOf(ctx context.Context, v Res, err error) Clas
 // loop. The counters and the worker's health are written before the
 // completion is reported, so once the loop has seen every completion they
 // are final, and the loop sees the health each completion left.
-func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req, Res], c Class) {
+func (w *worker[Req, Res]) finish(slot int, r *request[Req, Res], res *Result[Req, Res], c Class) {
 	w.runners[slot].since.Store(0)
 	v := deliver
 	if f := r.fl; f != nil {
 		res.Attempts = f.runs()
-		again := w.b.attempts > 1 && w.retries(r, &res, c)
+		again := w.b.attempts > 1 && w.retries(r, res, c)
 		v, res.Attempts = f.end(c == Success, again, w.b.attempts)
-	} else if w.b.attempts > 1 && w.retries(r, &res, c) {
+	} else if w.b.attempts > 1 && w.retries(r, res, c) {
 		v = handBack
 	}
 	if res.Err != nil && v != lost {
@@ -384,7 +384,7 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 	// loop woken by the report runs after the caller (see loop).
 	switch v {
 	case handBack:
-		w.handBack(r, res) // before the report: the loop takes it with the completion
+		w.handBack(*r, *res) // before the report: the loop takes it with the completion
 		w.b.report(w)
 	case lost, wait:
 		w.b.report(w)
@@ -407,7 +407,7 @@ func (w *worker[Req, Res]) finish(slot int, r request[Req, Res], res Result[Req,
 // attempts left, its ctx lives, and the outcome is Unavailable, Overload,
 // or one that WithRetryOn accepts. A panic in WithRetryOn's predicate
 // becomes r's outcome, a *PanicError, which is not retried.
-func (w *worker[Req, Res]) retries(r request[Req, Res], res *Result[Req, Res], c Class) (again bool) {
+func (w *worker[Req, Res]) retries(r *request[Req, Res], res *Result[Req, Res], c Class) (again bool) {
 	if res.Attempts >= w.b.attempts || res.Attempts == 0 || r.ctx.Err() != nil {
 		return false
 	}
