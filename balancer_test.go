@@ -3208,27 +3208,21 @@ func TestWorkerID(t *testing.T) {
 		return id, nil
 	}, WithLoadEstimate(false)) // its workers take turns, so most IDs are not the outer's
 	defer inner.Close()
-	outer := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
-		res := <-must(inner.Submit(ctx, i))
-		return res.Value*10 + res.Worker, res.Err
-	})
-	defer outer.Close()
-	for range 20 {
-		v, err := outer.Do(cancellable, 0)
-		require.NoError(t, err)
-		assert.Equal(t, v/10, v%10, "the inner Func sees its own worker's ID")
-	}
-	// The outer Func's context with its cancellation taken off carries
-	// only values, the outer worker's ID among them.
-	detached := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
-		res := <-must(inner.Submit(context.WithoutCancel(ctx), i))
-		return res.Value*10 + res.Worker, res.Err
-	})
-	defer detached.Close()
-	for range 20 {
-		v, err := detached.Do(cancellable, 0)
-		require.NoError(t, err)
-		assert.Equal(t, v/10, v%10, "the inner Func sees its own worker's ID")
+	// The outer Func passes its context on as it is, or with its
+	// cancellation taken off, which leaves only values, the outer
+	// worker's ID among them.
+	keep := func(ctx context.Context) context.Context { return ctx }
+	for _, pass := range []func(context.Context) context.Context{keep, context.WithoutCancel} {
+		outer := mustNew(t, 2, func(ctx context.Context, i int) (int, error) {
+			res := <-must(inner.Submit(pass(ctx), i))
+			return res.Value*10 + res.Worker, res.Err
+		})
+		defer outer.Close()
+		for range 20 {
+			v, err := outer.Do(cancellable, 0)
+			require.NoError(t, err)
+			assert.Equal(t, v/10, v%10, "the inner Func sees its own worker's ID")
+		}
 	}
 }
 
