@@ -2260,23 +2260,34 @@ func (h *hedger[Req, Res]) prune() {
 	h.compact()
 }
 
+// first returns the earlier of due's head and slow's first, and whether
+// it is due's; ok is false if both are empty.
+func (h *hedger[Req, Res]) first() (d deadline[Req, Res], inDue, ok bool) {
+	switch {
+	case h.head < len(h.due) && (len(h.slow) == 0 || h.due[h.head].at <= h.slow[0].at):
+		return h.due[h.head], true, true
+	case len(h.slow) > 0:
+		return h.slow[0], false, true
+	}
+	return deadline[Req, Res]{}, false, false
+}
+
 // pop removes and returns the first deadline that has passed at now, of
 // due's and slow's, if one has.
 func (h *hedger[Req, Res]) pop(now int64) (deadline[Req, Res], bool) {
-	if h.head < len(h.due) && h.due[h.head].at < now && (len(h.slow) == 0 || h.due[h.head].at <= h.slow[0].at) {
-		d := h.due[h.head]
+	d, inDue, ok := h.first()
+	if !ok || d.at >= now {
+		return deadline[Req, Res]{}, false
+	}
+	if inDue {
 		h.due[h.head] = deadline[Req, Res]{} // keep no flight alive
 		h.head++
-		return d, true
-	}
-	if len(h.slow) > 0 && h.slow[0].at < now {
-		d := h.slow[0]
+	} else {
 		n := copy(h.slow, h.slow[1:])
 		h.slow[n] = deadline[Req, Res]{}
 		h.slow = h.slow[:n]
-		return d, true
 	}
-	return deadline[Req, Res]{}, false
+	return d, true
 }
 
 // reckon computes the delay from the window, which has n successes: the
@@ -2334,15 +2345,11 @@ func nth(xs []int64, k int) int64 {
 // arm sets the timer for the first deadline, if it is not set for one
 // before it.
 func (h *hedger[Req, Res]) arm(now int64) {
-	var at int64
-	switch {
-	case h.head < len(h.due) && (len(h.slow) == 0 || h.due[h.head].at <= h.slow[0].at):
-		at = h.due[h.head].at
-	case len(h.slow) > 0:
-		at = h.slow[0].at
-	default:
+	d, _, ok := h.first()
+	if !ok {
 		return
 	}
+	at := d.at
 	if h.armed != 0 && h.armed <= at {
 		return
 	}

@@ -205,8 +205,8 @@ muts = {
  "slowness trusts an expired estimate": ("pool.go", "|| w.lapsed || t <= bucket*bucket*prior {", "|| t <= bucket*bucket*prior {"),
  "slowness without the load estimate": ("pool.go", "if !s.estimate || prior == 0 || w.lapsed", "if prior == 0 || w.lapsed"),
  "slow deadlines out of order": ("balancer.go", "\t\tfor i > 0 && h.slow[i-1].at > d.at {", "\t\tfor false {"),
- "due's deadlines before slow's": ("balancer.go", "if h.head < len(h.due) && h.due[h.head].at < now && (len(h.slow) == 0 || h.due[h.head].at <= h.slow[0].at) {", "if h.head < len(h.due) && h.due[h.head].at < now {"),
- "the timer ignores slow deadlines": ("balancer.go", "\tcase len(h.slow) > 0:\n\t\tat = h.slow[0].at", "\tcase false:\n\t\tat = h.slow[0].at"),
+ "due's deadlines before slow's": ("balancer.go", "\tcase h.head < len(h.due) && (len(h.slow) == 0 || h.due[h.head].at <= h.slow[0].at):\n\t\treturn h.due[h.head], true, true", "\tcase h.head < len(h.due):\n\t\treturn h.due[h.head], true, true"),
+ "the timer ignores slow deadlines": ("balancer.go", "\tcase len(h.slow) > 0:\n\t\treturn h.slow[0], false, true", "\tcase false:\n\t\treturn h.slow[0], false, true"),
  "slow deadlines never dropped": ("balancer.go", "if len(h.slow) >= 2*h.slowKept+16 {", "if false {"),
  "a retry counts the runs its attempt saw, not those at its end": ("worker.go", "\t\tcase again && int(s&flightRuns) < attempts:", "\t\tcase again:"),
 }
