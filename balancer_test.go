@@ -3361,7 +3361,7 @@ func TestCloseReturnsWhenEverythingEnded(t *testing.T) {
 	require.NoError(t, err)
 	waiting := ""
 	for i, line := range strings.Split(string(src), "\n") {
-		if strings.Contains(line, "for r := range w.reqs") {
+		if strings.Contains(line, "for t.r = range w.reqs") {
 			waiting = fmt.Sprintf("/worker.go:%d ", i+1)
 		}
 	}
