@@ -455,6 +455,51 @@ func TestEstimatesExpire(t *testing.T) {
 	assert.True(t, h.s.stale(c4), "four slots: half the patience")
 }
 
+// A probe that finds its worker still slow folds into the averages that
+// many runs made, for its gap, instead of starting them anew from its one
+// run: a short request at a worker 10× slower made it look 3× slower
+// (half the run, half the prior), and the hold-back then sent it requests
+// whenever the fast workers were busy. A probe in line with the prior, or
+// after an estimate that was not that slow, starts them anew.
+func TestAProbeThatFindsTheWorkerStillSlowKeepsItsEstimate(t *testing.T) {
+	const ms = int64(time.Millisecond)
+	h := newHeapHarness(1, true)
+	h.fixRef(2 * time.Millisecond)
+	h.b.ref.Store(2 * ms) // what the slots read
+	measured := func(d time.Duration) *worker[int, int] {
+		w := h.add(1)
+		for i := range fallSmoothing + 1 {
+			w.observe(d, int64(i+1)*ms)
+		}
+		require.Equal(t, int64(d), w.service.Load())
+		require.Equal(t, int64(d), w.level.Load())
+		return w
+	}
+	gap := staleAfter + 1
+	fresh := -math.Expm1(-float64(gap) / float64(decay))
+
+	w := measured(20 * time.Millisecond)
+	w.observe(10*time.Millisecond, w.seen.Load()+gap) // 5× the prior: still slow
+	want := 20*ms + int64(fresh*float64(-10*ms))
+	assert.Equal(t, want, w.service.Load(), "still slow: the run folds in for its gap")
+	assert.Equal(t, want, w.level.Load())
+	assert.Greater(t, float64(w.level.Load()), bucket*bucket*2*float64(ms), "off the centre step by two steps and more")
+
+	w = measured(20 * time.Millisecond)
+	w.observe(4*time.Millisecond, w.seen.Load()+gap) // 2× the prior: noise, or it recovered
+	assert.Equal(t, 4*ms, w.service.Load(), "a new mean")
+	assert.Equal(t, 3*ms, w.level.Load(), "halfway to the prior")
+
+	w = measured(4 * time.Millisecond) // off the centre, not two steps
+	w.observe(10*time.Millisecond, w.seen.Load()+gap)
+	assert.Equal(t, 10*ms, w.service.Load(), "the old estimate did not say slow: a new mean")
+	assert.Equal(t, 6*ms, w.level.Load())
+
+	w = measured(20 * time.Millisecond)
+	w.observe(10*time.Millisecond, w.seen.Load()+staleAfter) // not expired: folds as ever
+	assert.Equal(t, 20*ms+int64(-math.Expm1(-float64(staleAfter)/float64(decay))*float64(-10*ms)), w.service.Load())
+}
+
 // The common ground is the lower median of the workers' estimates, each
 // as a worker of weight 1 would serve; workers with no run do not count.
 func TestReckonTakesTheLowerMedian(t *testing.T) {

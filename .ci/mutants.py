@@ -212,6 +212,9 @@ muts = {
  "an idle slot keeps its last request alive": ("worker.go", "\t\tt = task[Req, Res]{} // keep no request or result alive while idle\n", ""),
  "every end of a slot taken for the Func's": ("worker.go", "\tif !t.calling {\n\t\treturn\n\t}\n\tt.calling = false\n", "\tt.calling = false\n"),
  "a panicked slot is not replaced": ("worker.go", "\tw.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive\n\tgo w.run(i)\n}", "}"),
+ "a probe that finds the worker still slow starts a new mean": ("pool.go", "if gap > staleAfter && !w.stillSlow(d) {", "if gap > staleAfter {"),
+ "still slow by the run alone": ("pool.go", "return slow > 0 && float64(d) > slow && float64(w.level.Load()) > slow", "return slow > 0 && float64(d) > slow"),
+ "still slow by the old level alone": ("pool.go", "return slow > 0 && float64(d) > slow && float64(w.level.Load()) > slow", "return slow > 0 && float64(w.level.Load()) > slow"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
