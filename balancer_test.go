@@ -459,8 +459,8 @@ func TestEstimatesExpire(t *testing.T) {
 // many runs made, for its gap, instead of starting them anew from its one
 // run: a short request at a worker 10× slower made it look 3× slower
 // (half the run, half the prior), and the hold-back then sent it requests
-// whenever the fast workers were busy. A probe in line with the prior, or
-// after an estimate that was not that slow, starts them anew.
+// whenever the fast workers were busy. A probe on the centre step, or
+// after an estimate that was not two steps slow, starts them anew.
 func TestAProbeThatFindsTheWorkerStillSlowKeepsItsEstimate(t *testing.T) {
 	const ms = int64(time.Millisecond)
 	h := newHeapHarness(1, true)
@@ -486,9 +486,15 @@ func TestAProbeThatFindsTheWorkerStillSlowKeepsItsEstimate(t *testing.T) {
 	assert.Greater(t, float64(w.level.Load()), bucket*bucket*2*float64(ms), "off the centre step by two steps and more")
 
 	w = measured(20 * time.Millisecond)
-	w.observe(4*time.Millisecond, w.seen.Load()+gap) // 2× the prior: noise, or it recovered
-	assert.Equal(t, 4*ms, w.service.Load(), "a new mean")
-	assert.Equal(t, 3*ms, w.level.Load(), "halfway to the prior")
+	w.observe(4*time.Millisecond, w.seen.Load()+gap) // 2×, off the centre step: a short request, still slow
+	want = 20*ms + int64(fresh*float64(-16*ms))
+	assert.Equal(t, want, w.service.Load(), "off the centre step: the run folds in")
+	assert.Equal(t, want, w.level.Load())
+
+	w = measured(20 * time.Millisecond)
+	w.observe(3*time.Millisecond, w.seen.Load()+gap) // 1.5×, on the centre step: it recovered
+	assert.Equal(t, 3*ms, w.service.Load(), "a new mean")
+	assert.Equal(t, 2*ms+ms/2, w.level.Load(), "halfway to the prior")
 
 	w = measured(4 * time.Millisecond) // off the centre, not two steps
 	w.observe(10*time.Millisecond, w.seen.Load()+gap)

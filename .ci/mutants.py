@@ -213,8 +213,9 @@ muts = {
  "every end of a slot taken for the Func's": ("worker.go", "\tif !t.calling {\n\t\treturn\n\t}\n\tt.calling = false\n", "\tt.calling = false\n"),
  "a panicked slot is not replaced": ("worker.go", "\tw.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive\n\tgo w.run(i)\n}", "}"),
  "a probe that finds the worker still slow starts a new mean": ("pool.go", "if gap > staleAfter && !w.stillSlow(d) {", "if gap > staleAfter {"),
- "still slow by the run alone": ("pool.go", "return slow > 0 && float64(d) > slow && float64(w.level.Load()) > slow", "return slow > 0 && float64(d) > slow"),
- "still slow by the old level alone": ("pool.go", "return slow > 0 && float64(d) > slow && float64(w.level.Load()) > slow", "return slow > 0 && float64(w.level.Load()) > slow"),
+ "still slow by the run alone": ("pool.go", "return prior > 0 && float64(d) > bucket*prior && float64(w.level.Load()) > bucket*bucket*prior", "return prior > 0 && float64(d) > bucket*prior"),
+ "still slow by the old level alone": ("pool.go", "return prior > 0 && float64(d) > bucket*prior && float64(w.level.Load()) > bucket*bucket*prior", "return prior > 0 && float64(w.level.Load()) > bucket*bucket*prior"),
+ "a probe on the centre step taken for still slow": ("pool.go", "return prior > 0 && float64(d) > bucket*prior && float64(w.level.Load()) > bucket*bucket*prior", "return prior > 0 && float64(d) > prior && float64(w.level.Load()) > bucket*bucket*prior"),
 }
 only = sys.argv[1:]
 for name, (f, old, new) in muts.items():
