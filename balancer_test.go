@@ -4960,6 +4960,23 @@ func TestRetryWhatIsRetryable(t *testing.T) {
 	}
 }
 
+// WithRetryOn's predicate is asked only while the request has attempts
+// left: after the last one, its outcome stands as the Func gave it, and a
+// predicate that would panic cannot turn it into a *PanicError.
+func TestRetryOnIsNotAskedAfterTheLastAttempt(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		failing := func(context.Context, int) (int, error) { return 0, errDown }
+		var asked atomic.Int64
+		p := newRetryPool(t, 2, map[int]Func[int, int]{0: failing, 1: failing}, WithRetry(2),
+			WithRetryOn(func(int, error) bool { asked.Add(1); return true }))
+		defer p.b.Close()
+		res := <-mustSubmit(t, p.b, 3)
+		assert.Equal(t, 2, res.Attempts)
+		assert.ErrorIs(t, res.Err, errDown)
+		assert.Equal(t, int64(1), asked.Load(), "asked after the first attempt only")
+	})
+}
+
 // holdOne returns a Func that holds request 100 until release is closed,
 // and otherwise returns its request.
 func holdOne(release <-chan struct{}) Func[int, int] {
