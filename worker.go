@@ -244,10 +244,7 @@ func (w *worker[Req, Res]) rescue(i int, t *task[Req, Res]) {
 		return
 	}
 	t.calling = false
-	if rc := w.runners[i].ctx.Load(); rc != nil {
-		rc.end(nil)
-		w.runners[i].ctx.Store(nil) // keep no request's context alive
-	}
+	w.endRun(i, w.runners[i].ctx.Load())
 	if v := recover(); v != nil {
 		w.panics.Add(1)
 		t.res.Value, t.res.Err = *new(Res), &PanicError{Value: v, Stack: debug.Stack()}
@@ -257,6 +254,15 @@ func (w *worker[Req, Res]) rescue(i int, t *task[Req, Res]) {
 	w.finish(i, &t.r, &t.res, Failure)
 	w.b.wg.Add(1) // this goroutine's deferred Done follows; the count stays positive
 	go w.run(i)
+}
+
+// endRun ends rc, the context of the request that slot i ran, if it had
+// one, and clears the runner, so that no request's context is kept alive.
+func (w *worker[Req, Res]) endRun(i int, rc *runCtx) {
+	if rc != nil {
+		rc.end(nil)
+		w.runners[i].ctx.Store(nil)
+	}
 }
 
 // serve delivers exactly one outcome for t's request and then reports the
@@ -334,10 +340,7 @@ func (w *worker[Req, Res]) call(i int, start int64, t *task[Req, Res]) Class {
 		class = w.b.classOf(r.ctx, res.Value, res.Err)
 	}
 	t.calling = false
-	if rc != nil {
-		rc.end(nil)
-		w.runners[i].ctx.Store(nil) // keep no request's context alive
-	}
+	w.endRun(i, rc)
 	if h := w.b.hedging; h != nil {
 		at := end - r.fl.sentAt[r.copy()] // its time at this worker
 		switch {

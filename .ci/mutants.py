@@ -191,7 +191,7 @@ muts = {
  "a runCtx made after its end is not ended": ("balancer.go", "\t\tif c.cause != nil {\n\t\t\tc.cancel(c.cause)\n\t\t}\n\t\tc.made.Store(true)", "\t\tc.made.Store(true)"),
  "a runCtx is ended without its cause": ("balancer.go", "\tif c.cancel != nil {\n\t\tc.cancel(cause)\n\t} else {", "\tif c.cancel != nil {\n\t\tc.cancel(nil)\n\t} else {"),
  "a runCtx ended first takes its parent's later cause": ("balancer.go", "\t\tc.first = c.parent.Err() == nil", "\t\tc.first = false"),
- "a Func's ctx lives on after it returned": ("worker.go", "\tt.calling = false\n\tif rc != nil {\n\t\trc.end(nil)\n", "\tt.calling = false\n\tif rc != nil {\n"),
+ "a Func's ctx lives on after it returned": ("worker.go", "\tif rc != nil {\n\t\trc.end(nil)\n\t\tw.runners[i].ctx.Store(nil)\n", "\tif rc != nil {\n\t\tw.runners[i].ctx.Store(nil)\n"),
  "a runCtx ignores its request's values": ("balancer.go", "\treturn c.parent.Value(key)\n}", "\treturn nil\n}"),
  "a runCtx ignores its request's deadline": ("balancer.go", "func (c *runCtx) Deadline() (time.Time, bool) { return c.parent.Deadline() }", "func (c *runCtx) Deadline() (time.Time, bool) { return time.Time{}, false }"),
  "hedges always pay": ("balancer.go", "\treturn h.sent < hedgeJudged || won-h.won[h.sent%hedgeJudged] >= hedgeJudged/hedgePaid", "\treturn true"),
