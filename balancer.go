@@ -313,11 +313,13 @@ func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 //
 // Equal means equal. The estimates compare on a scale of steps a factor
 // 1.5 apart, centred on the median worker's, whose centre step reaches a
-// step either way: workers within 1.5× of the median are on it, compare
-// as equal and are ordered by the count rule, so light load spreads over
-// all of them although their measured means differ by noise. Workers
-// twice as fast or slow as the median, or more, are told apart by their
-// second run.
+// step down and one and a half up, as run times stray more to the slow
+// side: workers from 1/1.5 to 1.84 times the median are on it, compare as
+// equal and are ordered by the count rule, so light load spreads over all
+// of them although their measured means differ by noise, and so do
+// clients that share a backend whose queue the others' load lengthens.
+// Workers twice as fast or slow as the median, or more, are told apart by
+// their second run.
 //
 // The service time is learned as two moving averages over the worker's
 // recent requests, from all its slots. The first runs make a plain mean,
