@@ -1329,12 +1329,14 @@ func fleetScenarios() []scenario {
 
 // fleetDispatchers are the fleet table's dispatchers, each for k clients:
 // "balancer" is k Balancers at the defaults, each with one worker of the
-// backends' concurrency per backend; "p2c" and "roundrobin" are k clients
-// that send each request to a backend at once, picked by the requests
-// they have pending there (of two drawn at random) or in turn; "shared" is
-// one queue that every backend's slots serve, the ideal a fleet of clients
-// cannot have.
-var fleetDispatchers = []string{"balancer", "count", "p2c", "roundrobin"}
+// backends' concurrency per backend ("count" the same without the load
+// estimate); "p2c" and "roundrobin" are k clients that send each request
+// to a backend at once, picked by the requests they have pending there
+// (of two drawn at random) or in turn; "reported" (see reportClient) is
+// told by every response how loaded its backend is, which no client that
+// learns only from its own requests can know; "shared" is one queue that
+// every backend's slots serve, the ideal a fleet of clients cannot have.
+var fleetDispatchers = []string{"balancer", "count", "p2c", "roundrobin", "reported"}
 
 // directClient sends each request straight to a backend it picks, as a
 // client-side balancer without a queue of its own does.
@@ -1354,15 +1356,54 @@ func (c *directClient) Do(ctx context.Context, req int) (int, error) {
 
 func (c *directClient) Close() error { return nil }
 
+// reportClient is a client whose backends report their load: every
+// response says how many requests its backend holds as it leaves (running
+// or waiting inside, every client's), as a load report in a response
+// header or trailer would. The client sends each request at once to the
+// backend with the fewest by its last report plus those it sent there
+// since, ties at random. It stands for the most a client can learn from
+// its own responses: exact load, as fresh as its last answer from that
+// backend, where a latency only hints at it.
+type reportClient struct {
+	fns    []balancer.Func[int, int]
+	inside []atomic.Int64 // each backend's requests, running or waiting
+	mu     sync.Mutex
+	report []int64 // the load each backend reported last
+	since  []int64 // requests sent to each backend since its last report
+}
+
+func (c *reportClient) Do(ctx context.Context, req int) (int, error) {
+	c.mu.Lock()
+	n := len(c.fns)
+	best, off := -1, rand.IntN(n)
+	for j := range n {
+		if i := (j + off) % n; best < 0 || c.report[i]+c.since[i] < c.report[best]+c.since[best] {
+			best = i
+		}
+	}
+	c.since[best]++
+	c.mu.Unlock()
+	res, err := c.fns[best](ctx, req)
+	c.mu.Lock()
+	c.report[best], c.since[best] = c.inside[best].Load(), 0
+	c.mu.Unlock()
+	return res, err
+}
+
+func (c *reportClient) Close() error { return nil }
+
 // offerFleet offers w to k clients named name in front of s's backends
 // and returns each request's latency and the backend that served it.
 func offerFleet(t testing.TB, s scenario, w workload, name string, k int) (lat []time.Duration, who []int) {
 	lat, who = make([]time.Duration, len(w.at)), make([]int, len(w.at))
 	start := time.Now()
 	fns := make([]balancer.Func[int, int], s.workers)
+	inside := make([]atomic.Int64, s.workers)
 	for i := range fns {
 		slots := make(chan struct{}, s.concurrency) // a send waits in line, FIFO, like a request inside a server
 		fns[i] = func(ctx context.Context, req int) (int, error) {
+			inside[i].Add(1)
+			defer inside[i].Add(-1)
 			slots <- struct{}{}
 			who[req] = i
 			at := time.Since(start)
@@ -1400,6 +1441,8 @@ func offerFleet(t testing.TB, s scenario, w workload, name string, k int) (lat [
 			}}
 			d.next.Store(rand.Uint64()) // clients start at random places in their turns
 			clients[c] = d
+		case "reported":
+			clients[c] = &reportClient{fns: fns, inside: inside, report: make([]int64, s.workers), since: make([]int64, s.workers)}
 		case "shared":
 			clients[c] = newSharedPool(s.workers, s.concurrency, serve)
 		default:
