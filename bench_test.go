@@ -1333,10 +1333,13 @@ func fleetScenarios() []scenario {
 // estimate); "p2c" and "roundrobin" are k clients that send each request
 // to a backend at once, picked by the requests they have pending there
 // (of two drawn at random) or in turn; "reported" (see reportClient) is
-// told by every response how loaded its backend is, which no client that
-// learns only from its own requests can know; "shared" is one queue that
-// every backend's slots serve, the ideal a fleet of clients cannot have.
-var fleetDispatchers = []string{"balancer", "count", "p2c", "roundrobin", "reported"}
+// told by every response how loaded its backend is, and "oracle" knows
+// every backend's speed at every moment and sends to the one where its own
+// pending requests are expected to finish first: each knows what no client
+// that learns only from its own requests can, and neither sees the other
+// clients' load as it is now. "shared" is one queue that every backend's
+// slots serve, the ideal a fleet of clients cannot have.
+var fleetDispatchers = []string{"balancer", "count", "p2c", "roundrobin", "reported", "learner", "oracle"}
 
 // directClient sends each request straight to a backend it picks, as a
 // client-side balancer without a queue of its own does.
@@ -1374,13 +1377,7 @@ type reportClient struct {
 
 func (c *reportClient) Do(ctx context.Context, req int) (int, error) {
 	c.mu.Lock()
-	n := len(c.fns)
-	best, off := -1, rand.IntN(n)
-	for j := range n {
-		if i := (j + off) % n; best < 0 || c.report[i]+c.since[i] < c.report[best]+c.since[best] {
-			best = i
-		}
-	}
+	best := least(len(c.fns), func(i int) float64 { return float64(c.report[i] + c.since[i]) })
 	c.since[best]++
 	c.mu.Unlock()
 	res, err := c.fns[best](ctx, req)
@@ -1391,6 +1388,70 @@ func (c *reportClient) Do(ctx context.Context, req int) (int, error) {
 }
 
 func (c *reportClient) Close() error { return nil }
+
+// least returns the i in [0, n) of the least cost(i), ties at random.
+func least(n int, cost func(i int) float64) int {
+	best, bestCost, ties := 0, math.Inf(1), 0
+	for i := range n {
+		switch c := cost(i); {
+		case c < bestCost:
+			best, bestCost, ties = i, c, 1
+		case c == bestCost:
+			if ties++; rand.IntN(ties) == 0 {
+				best = i
+			}
+		}
+	}
+	return best
+}
+
+// learner is oracle learning each backend's speed from its own answers:
+// each answer tells it exactly how slow its backend was when the request
+// was sent, from the first answer on. Like a Balancer's estimates, what it
+// learnt of a backend expires after staleAfter without an answer from it,
+// so that it tries a backend that recovered again.
+type learner struct {
+	s     scenario
+	fns   []balancer.Func[int, int]
+	start time.Time
+	mu    sync.Mutex
+	pend  []int
+	known []float64       // each backend's slowdown as its latest answer told
+	heard []time.Duration // when each backend last answered
+}
+
+func newLearner(s scenario, fns []balancer.Func[int, int], start time.Time) *learner {
+	l := &learner{s: s, fns: fns, start: start, pend: make([]int, len(fns)), known: make([]float64, len(fns)), heard: make([]time.Duration, len(fns))}
+	for i := range l.known {
+		l.known[i] = 1
+	}
+	return l
+}
+
+func (l *learner) Do(ctx context.Context, req int) (int, error) {
+	l.mu.Lock()
+	now := time.Since(l.start)
+	best := least(len(l.fns), func(i int) float64 {
+		if now-l.heard[i] > staleFor {
+			l.known[i] = 1
+		}
+		return (float64(l.pend[i])/float64(l.s.concurrency) + 1) * l.known[i]
+	})
+	l.pend[best]++
+	l.mu.Unlock()
+	res, err := l.fns[best](ctx, req)
+	l.mu.Lock()
+	l.pend[best]--
+	l.known[best], l.heard[best] = l.s.slowdown(best, now), time.Since(l.start)
+	l.mu.Unlock()
+	return res, err
+}
+
+func (l *learner) Close() error { return nil }
+
+// staleFor is how long learner trusts what it learnt: a Balancer's
+// patience with an estimate (staleAfter).
+const staleFor = 2 * time.Second
 
 // offerFleet offers w to k clients named name in front of s's backends
 // and returns each request's latency and the backend that served it.
@@ -1441,6 +1502,15 @@ func offerFleet(t testing.TB, s scenario, w workload, name string, k int) (lat [
 			}}
 			d.next.Store(rand.Uint64()) // clients start at random places in their turns
 			clients[c] = d
+		case "oracle":
+			clients[c] = &directClient{fns: fns, pending: make([]atomic.Int64, s.workers), pick: func(d *directClient) int {
+				now := time.Since(start)
+				return least(len(d.fns), func(i int) float64 {
+					return (float64(d.pending[i].Load())/float64(s.concurrency) + 1) * s.slowdown(i, now)
+				})
+			}}
+		case "learner":
+			clients[c] = newLearner(s, fns, start)
 		case "reported":
 			clients[c] = &reportClient{fns: fns, inside: inside, report: make([]int64, s.workers), since: make([]int64, s.workers)}
 		case "shared":
