@@ -329,9 +329,12 @@ func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 // moves the peak average a quarter (it notices a slowdown within a few
 // requests: the hold-back reads it) and the level an eighth (it places
 // the worker on the scale, where the noise of run times should not carry
-// an equal worker off the centre step). A run counts four times an
-// average at most, and a run after a gap g moves them at least
-// 1 − e^(−g/10 s) of the way. A request running longer than its worker's
+// an equal worker off the centre step). A run counts four times the peak
+// average at most, and eight times the level, which a run that slow moves
+// a quarter of the way, off the centre step at once: so a backend that
+// browns out to a tenth of its speed is known from its first answer,
+// unless that request was among the shortest. A run after a gap g
+// moves both at least 1 − e^(−g/10 s) of the way. A request running longer than its worker's
 // level counts its age instead, so a worker that stalls stops getting
 // requests.
 //
@@ -340,7 +343,7 @@ func (e estimateOption) apply(o *options) { o.estimate = bool(e) }
 // has run, dispatch is the count rule exactly, weights included.
 //
 // Estimates expire. One slower than the centre step that no run has
-// refreshed for 2 s (divided by √c) counts as the worker's prior (from the
+// refreshed for 2 s counts as the worker's prior (from the
 // loop's next look at every worker, at most a quarter second later) for
 // one request, a probe, so a worker that looked slow and was not tried
 // since (it recovered) is tried again at any load; its probe starts new

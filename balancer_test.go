@@ -451,8 +451,42 @@ func TestEstimatesExpire(t *testing.T) {
 
 	c4 := h.addWorker(workerOptions{concurrency: 4, weight: 1})
 	c4.observe(20*time.Millisecond, ms)
-	h.s.now = ms + staleAfter/2 + 1
-	assert.True(t, h.s.stale(c4), "four slots: half the patience")
+	h.s.now = ms + staleAfter
+	assert.False(t, h.s.stale(c4), "four slots: the same patience")
+	h.s.now++
+	assert.True(t, h.s.stale(c4), "four slots: the same patience")
+}
+
+// A probe's own run decides whether the loop grows more patient with its
+// worker, not the averages it folded into: a long request of a worker
+// that recovered, taken for still slow (see stillSlow), leaves patience as
+// it was, so the worker is probed again as soon.
+func TestAProbesRunDecidesPatience(t *testing.T) {
+	const ms = int64(time.Millisecond)
+	for _, tt := range []struct {
+		run        time.Duration
+		impatience int
+	}{
+		{4 * time.Millisecond, 0},  // 2× the prior: within two steps of it
+		{10 * time.Millisecond, 1}, // 5×
+	} {
+		h := newHeapHarness(1, true)
+		h.fixRef(2 * time.Millisecond)
+		h.b.ref.Store(2 * ms) // what the slots read
+		w := h.add(1)
+		for i := range fallSmoothing + 1 {
+			w.observe(20*time.Millisecond, int64(i+1)*ms)
+		}
+		h.s.now = w.seen.Load() + staleAfter + 1
+		h.s.touch(w)
+		h.s.dispatch()
+		require.True(t, w.probing, "%v", tt.run)
+		require.True(t, w.stillSlow(tt.run))
+		w.observe(tt.run, h.s.now)
+		require.Greater(t, float64(w.service.Load()), bucket*bucket*2*float64(ms), "the averages still say slow")
+		h.s.complete(w)
+		assert.Equal(t, tt.impatience, w.impatience, "%v", tt.run)
+	}
 }
 
 // A probe that finds its worker still slow folds into the averages that
@@ -2241,6 +2275,29 @@ func TestWeightsAndEstimatesOrderWorkers(t *testing.T) {
 		}
 		assert.Equal(t, []time.Duration{24 * time.Millisecond, 23 * time.Millisecond}, got, "20 + (36-20)/4, then 24 + (8-24)/16")
 		assert.Equal(t, []time.Duration{22 * time.Millisecond, 21125 * time.Microsecond}, level, "the level: 20 + (36-20)/8, then 22 + (8-22)/16")
+	})
+	t.Run("a run eight times the level or slower moves it a quarter of the way", func(t *testing.T) {
+		h := newHeapHarness(4, true)
+		w := h.add(1)
+		end := int64(time.Second)
+		for range fallSmoothing {
+			end++
+			w.observe(2*time.Millisecond, end)
+		}
+		var got, level []time.Duration
+		for i, d := range []time.Duration{10, 100, 1000} {
+			end++
+			if i == 2 {
+				end += int64(100 * time.Millisecond) // a gap: the same, through fold
+			}
+			w.observe(d*time.Millisecond, end)
+			got = append(got, time.Duration(w.service.Load()))
+			level = append(level, time.Duration(w.level.Load()))
+		}
+		assert.Equal(t, []time.Duration{3500 * time.Microsecond, 6125 * time.Microsecond, 10718750 * time.Nanosecond}, got,
+			"the peak: 2 + (4 × 2 - 2)/4, then 3.5 + (4 × 3.5 - 3.5)/4, then 6.125 + (4 × 6.125 - 6.125)/4")
+		assert.Equal(t, []time.Duration{3 * time.Millisecond, 8250 * time.Microsecond, 22687500 * time.Nanosecond}, level,
+			"the level: 2 + (10-2)/8, then 3 + (8 × 3 - 3)/4, off the centre step at once, then 8.25 + (8 × 8.25 - 8.25)/4")
 	})
 	t.Run("a run after a gap counts for the time the average was not refreshed", func(t *testing.T) {
 		h := newHeapHarness(4, true)

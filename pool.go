@@ -290,13 +290,15 @@ func (s *sched[Req, Res]) expect(w *worker[Req, Res]) float64 {
 
 // stale reports whether w's estimate is older than its patience: how
 // long the loop trusts an estimate nobody refreshes. Patience is
-// staleAfter ÷ √concurrency, doubled impatience times: each probe that
-// finds the worker still slow doubles it, up to maxImpatience times, so a
-// worker that is slow for good costs one slow request that often at most,
-// and trustAfter runs in line in a row set it back (see probed and
-// trusted).
+// staleAfter, doubled impatience times: each probe that finds the worker
+// still slow doubles it, up to maxImpatience times, so a worker that is
+// slow for good costs one slow request that often at most, and
+// trustAfter runs in line in a row set it back (see probed and trusted).
+// It does not depend on the worker's concurrency: how long a backend stays
+// slow, or how soon it recovers, has nothing to do with how many requests
+// it serves at once.
 func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
-	return s.now-w.seen.Load() > w.patience<<w.impatience
+	return s.now-w.seen.Load() > staleAfter<<w.impatience
 }
 
 // slowness is how many times as long as its prior w's estimate is, as of
@@ -320,12 +322,18 @@ func (s *sched[Req, Res]) slowness(w *worker[Req, Res]) float64 {
 // prior (bucket²), the loop becomes twice as patient with the worker
 // (see stale); otherwise patience stands until regular use confirms the
 // worker (see trusted): one run of a Func says little, and a worker of the
-// usual speed seldom takes that long. If the probe did not run, the
+// usual speed seldom takes that long. The run decides, not the averages
+// it folded into: a worker 10× slower for 2 s leaves the centre step after
+// one run (see levelMost), and a long request of its first probe after it
+// healed was taken for still slow (see stillSlow); judged by the averages,
+// that doubled the wait for the next probe, and in "1 of 8 10× slower for
+// 2 s of 40 s" at load 0.2 the worker's share in the 8 s after it healed
+// was 0.50–1.04 of fair over seeds 41–60; judged by the run, 0.65–1.04. If the probe did not run, the
 // estimate is still expired and the next dispatch to the worker probes
 // again.
 func (s *sched[Req, Res]) probed(w *worker[Req, Res]) {
 	w.probing = false
-	if w.seen.Load() != w.probeSeen && float64(w.service.Load()) > bucket*bucket*s.ref/w.weight {
+	if w.seen.Load() != w.probeSeen && float64(w.probeRun.Load()) > bucket*bucket*s.ref/w.weight {
 		w.impatience = min(w.impatience+1, maxImpatience)
 	}
 }
@@ -397,8 +405,8 @@ func (s *sched[Req, Res]) key(w *worker[Req, Res], t float64) float64 {
 // reckon). A run after a gap g since the worker's last moves its average
 // at least 1 − e^(-g/decay) of the way, the time decay of peak-EWMA
 // balancers (10 s there too). An estimate not refreshed for staleAfter <<
-// impatience, divided by √concurrency (a worker of more slots is refreshed
-// more often), expires. The scale's steps are bucket apart. Measured in
+// impatience expires, whatever the worker's concurrency (see stale). The
+// scale's steps are bucket apart. Measured in
 // TestBalanceQuality at 50 000 requests a row, seeds 1 and 2: a patience
 // of 1 s probed the workers of the 400 ms-of-2 s brownout between
 // brownouts, p99 10.0 ms in both against 8.3 and 8.0 at 2 s, while the
@@ -432,13 +440,13 @@ const (
 
 // lost returns, with WithHedge, the age of w's latest attempt that was
 // cancelled because its hedge won, past the hedge delay, if w has ended no
-// attempt that counts since, within its patience; else 0. Its cost counts
+// attempt that counts since, within staleAfter; else 0. Its cost counts
 // it as a time w takes at least: cancelling a straggler says nothing of
 // its worker's speed, so it is no sample of it, but it must not make a
 // stalled worker look idle and fast, and win it the next request.
 func (s *sched[Req, Res]) lost(w *worker[Req, Res]) float64 {
 	age := w.lostAge.Load()
-	if age == 0 || s.now-w.lostAt.Load() > w.patience {
+	if age == 0 || s.now-w.lostAt.Load() > staleAfter {
 		return 0
 	}
 	return float64(age)
@@ -671,8 +679,19 @@ const (
 // calmer average that places it on the scale (see expect and key): an
 // eighth of the way, so that the noise of run times, which the peak
 // average follows closely, rarely carries an equal worker off the centre
-// step, while a worker ten times slower still leaves it within two runs.
-const levelRise = 8
+// step. A run counts levelMost times the level at most, and one that slow
+// moves it a quarter of the way, to 2.75 times itself: off the centre step
+// at once. Of geometric run times with a mean of 2 ms, one in 2^15 is that
+// far above it; of a worker ten times slower, every one whose request
+// takes more than the shortest time is, and so is nearly every answer of a
+// backend that browns out under several clients' load, whose queue grows.
+// (The peak average counts peakMost times itself at most: it reacts to
+// every slow run, and one stall should move it little.)
+const (
+	levelRise = 8
+	levelMost = 8
+	peakMost  = 4
+)
 
 // observeWait folds the wait of a request that w's slot starts into w's
 // total and moving average, 1/fallSmoothing of the way either way: a wait
@@ -722,8 +741,8 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	prev := w.seen.Swap(end)
 	gap := end - prev
 	if n >= fallSmoothing && (prev == 0 || gap <= decayFrom) { // the common case, kept short
-		step(&w.service, int64(d), riseSmoothing)
-		step(&w.level, int64(d), levelRise)
+		step(&w.service, int64(d), riseSmoothing, peakMost)
+		step(&w.level, int64(d), levelRise, levelMost)
 		return
 	}
 	// The first runs depend on each other (the running mean, the capped
@@ -737,6 +756,9 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	}
 	var fresh float64 // the least share of the way the observation moves the average, for its gap
 	if prev != 0 && gap > decayFrom {
+		if gap > staleAfter {
+			w.probeRun.Store(int64(d))
+		}
 		if gap > staleAfter && !w.stillSlow(d) {
 			w.restart(d)
 			return
@@ -754,21 +776,24 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 		}
 	}
 	replace := n == 2 && w.provisional.Load() && w.provisional.CompareAndSwap(true, false)
-	if fold(&w.service, int64(d), first, replace, min(n, riseSmoothing), min(n, fallSmoothing), fresh) {
+	if fold(&w.service, int64(d), first, replace, min(n, riseSmoothing), min(n, fallSmoothing), peakMost, fresh) {
 		w.provisional.Store(true)
 	}
-	fold(&w.level, int64(d), first, replace, min(n, levelRise), min(n, fallSmoothing), fresh)
+	fold(&w.level, int64(d), first, replace, min(n, levelRise), min(n, fallSmoothing), levelMost, fresh)
 }
 
 // step is fold for an established average and a run with no gap before
-// it: 1/rise of the way up, counting four times a at most, or
-// 1/fallSmoothing down.
-func step(a *atomic.Int64, d, rise int64) {
+// it: 1/rise of the way up, or 1/fallSmoothing down; a run most times a
+// or slower counts as most times a and moves it 1/riseSmoothing.
+func step(a *atomic.Int64, d, rise, most int64) {
 	for {
 		old := a.Load()
 		next := old + (d-old)/fallSmoothing
-		if d > old {
-			next = old + (min(d, 4*old)-old)/rise
+		switch {
+		case d >= most*old:
+			next = old + (most-1)*old/riseSmoothing
+		case d > old:
+			next = old + (d-old)/rise
 		}
 		if a.CompareAndSwap(old, next) {
 			return
@@ -777,12 +802,13 @@ func step(a *atomic.Int64, d, rise int64) {
 }
 
 // fold moves the moving average a toward a run of d, 1/rise of the way
-// if it is slower (counting four times a at most), 1/fall if faster, or
-// fresh of the way if that is more. An average with no run yet takes d,
-// or first if d is more and first is not 0, and then reports that it
-// capped it; replace takes d whole. Slots call it concurrently; each run
-// counts once.
-func fold(a *atomic.Int64, d, first int64, replace bool, rise, fall int64, fresh float64) (capped bool) {
+// if it is slower, 1/fall if faster, or fresh of the way if that is more;
+// a run most times a or slower counts as most times a, and moves it
+// 1/riseSmoothing of the way if rise is more. An average with no run yet
+// takes d, or first if d is more and first is not 0, and then reports
+// that it capped it; replace takes d whole. Slots call it concurrently;
+// each run counts once.
+func fold(a *atomic.Int64, d, first int64, replace bool, rise, fall, most int64, fresh float64) (capped bool) {
 	for {
 		old := a.Load()
 		next := d
@@ -795,8 +821,11 @@ func fold(a *atomic.Int64, d, first int64, replace bool, rise, fall int64, fresh
 		case replace:
 		default:
 			k := fall
-			if next > old {
-				next, k = min(next, 4*old), rise
+			switch {
+			case next >= most*old:
+				next, k = most*old, min(rise, riseSmoothing)
+			case next > old:
+				k = rise
 			}
 			if fresh > 0 && fresh > 1/float64(k) {
 				next = old + int64(fresh*float64(next-old))

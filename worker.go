@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -103,8 +102,7 @@ type worker[Req, Res any] struct {
 	keyRef, keyLo, keyHi, key float64
 	lastKey                   float64 // the step its last cost was computed with (see dispatch)
 	mult                      float64 // its failure penalty when its cost was last computed (see costAt)
-	patience                  int64   // staleAfter ÷ √concurrency: an estimate this old expires (see stale)
-	impatience                int     // patience doubled this many times
+	impatience                int     // the loop's patience with its estimate doubled this many times (see stale)
 	lapsed                    bool    // its estimate had expired when its cost was last computed (see expect)
 	probing                   bool    // it was given a request because its estimate had expired
 	probeSeen                 int64   // seen when that probe was dispatched
@@ -127,6 +125,7 @@ type worker[Req, Res any] struct {
 	completed atomic.Uint64 // outcomes this worker delivered; its slots write the rest
 	running   atomic.Int64  // requests a slot has taken and not finished
 	service   atomic.Int64  // moving average of the Func's run time, in ns; 0 before the first
+	probeRun  atomic.Int64  // the latest run after its estimate expired (a probe's), in ns; its slots write it
 	wait      atomic.Int64  // moving average of the waits of the requests it started, in ns
 	waited    atomic.Int64  // the sum of those waits, in ns
 	failed    atomic.Uint64
@@ -173,7 +172,6 @@ func newWorker[Req, Res any](b *Balancer[Req, Res], id int, fn Func[Req, Res], o
 		retired:     make(chan struct{}),
 		unit:        1 / (float64(o.concurrency) * o.weight),
 		mult:        1,
-		patience:    int64(float64(staleAfter) / math.Sqrt(float64(o.concurrency))),
 		runners:     make([]runner, o.concurrency),
 	}
 }
