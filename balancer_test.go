@@ -5762,6 +5762,7 @@ func TestSlowness(t *testing.T) {
 	slow := func(weight float64, level time.Duration) *worker[int, int] {
 		w := h.add(weight)
 		w.level.Store(int64(level))
+		w.service.Store(int64(level))
 		return w
 	}
 	assert.Equal(t, 1.0, h.s.slowness(h.add(1)), "not measured")
@@ -5770,6 +5771,12 @@ func TestSlowness(t *testing.T) {
 	assert.Equal(t, 4.0, h.s.slowness(slow(1, 40*time.Millisecond)))
 	assert.Equal(t, 4.0, h.s.slowness(slow(2, 20*time.Millisecond)), "at its weight: its prior is 5 ms")
 	assert.Equal(t, 1.0, h.s.slowness(slow(2, 10*time.Millisecond)), "twice the prior of its weight, but within two steps")
+	straggled := slow(1, 40*time.Millisecond)
+	straggled.service.Store(int64(17500 * time.Microsecond)) // one run 20×: the peak counts 4× itself at most
+	assert.Equal(t, 1.0, h.s.slowness(straggled), "the level two steps up after one slow run, the peak not")
+	peaked := slow(1, 40*time.Millisecond)
+	peaked.service.Store(int64(60 * time.Millisecond))
+	assert.Equal(t, 4.0, h.s.slowness(peaked), "the lesser of the two")
 	lapsed := slow(1, 40*time.Millisecond)
 	lapsed.lapsed = true
 	assert.Equal(t, 1.0, h.s.slowness(lapsed), "its estimate expired: it counts as its prior")
@@ -5786,9 +5793,10 @@ func TestHedgeWaitsLongerAtASlowWorker(t *testing.T) {
 		h := newHeapHarness(1, true)
 		h.fixRef(10 * time.Millisecond)
 		fast, slow, slower := h.add(1), h.add(1), h.add(1)
-		fast.level.Store(int64(10 * time.Millisecond))
-		slow.level.Store(int64(40 * time.Millisecond))
-		slower.level.Store(int64(80 * time.Millisecond))
+		for w, d := range map[*worker[int, int]]time.Duration{fast: 10 * time.Millisecond, slow: 40 * time.Millisecond, slower: 80 * time.Millisecond} {
+			w.level.Store(int64(d))
+			w.service.Store(int64(d))
+		}
 		b := h.b
 		b.epoch = time.Now()
 		b.hedging = newHedger[int, int](hedgeOption{true, 0.95, 0}, 1)

@@ -97,6 +97,7 @@ muts = {
  "the peak counts a run as many times it as the level does": ("pool.go", "\t\tstep(&w.service, int64(d), riseSmoothing, peakMost)\n", "\t\tstep(&w.service, int64(d), riseSmoothing, levelMost)\n"),
  "patience shrinks with concurrency": ("pool.go", "\treturn s.now-w.seen.Load() > staleAfter<<w.impatience\n", "\treturn s.now-w.seen.Load() > staleAfter/int64(w.concurrency)<<w.impatience\n"),
  "a probe's patience judged by the averages it folded into": ("pool.go", "float64(w.probeRun.Load()) > bucket*bucket*s.ref/w.weight", "float64(w.service.Load()) > bucket*bucket*s.ref/w.weight"),
+ "slowness by the level alone": ("pool.go", "\tt := float64(min(w.level.Load(), w.service.Load()))\n", "\tt := float64(w.level.Load())\n"),
  "the centre step's top one step up, not one and a half": ("pool.go", "\tif t0*bucket >= r && t0 <= r*centreTop {", "\tif t0*bucket >= r && t0 <= r*bucket {"),
  "ref is the upper median": ("pool.go", "s.ref = xs[(len(xs)-1)/2]", "s.ref = xs[len(xs)/2]"),
  "ref never reckoned after the first": ("pool.go", "\tif s.completed++; s.completed >= s.reckonAt || s.now-s.refreshed >= reckonEvery {", "\tif s.completed++; s.ref == 0 {"),
