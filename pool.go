@@ -311,9 +311,9 @@ func (s *sched[Req, Res]) stale(w *worker[Req, Res]) bool {
 // lesser of the level and the peak average: one run 8× the level moves
 // the level two steps up (see levelMost) but the peak, which counts 4×
 // itself at most, less than that, and a worker whose one slow run was a
-// straggler is no slower for it. With the level alone, in TestHedgeQuality's
-// stragglers row (seed 41) the p99.9 with hedging was 0.30× the p99.9
-// without; with the lesser of the two, 0.17×.
+// straggler is no slower for it. With the level alone, in
+// TestHedgeQuality's stragglers row (seed 41) the p99.9 with hedging was
+// 0.30× the p99.9 without; with the lesser of the two, 0.16×.
 func (s *sched[Req, Res]) slowness(w *worker[Req, Res]) float64 {
 	prior := s.ref / w.weight
 	t := float64(min(w.level.Load(), w.service.Load()))
@@ -334,9 +334,9 @@ func (s *sched[Req, Res]) slowness(w *worker[Req, Res]) float64 {
 // healed was taken for still slow (see stillSlow); judged by the averages,
 // that doubled the wait for the next probe, and in "1 of 8 10× slower for
 // 2 s of 40 s" at load 0.2 the worker's share in the 8 s after it healed
-// was 0.50–1.04 of fair over seeds 41–60; judged by the run, 0.65–1.04. If the probe did not run, the
-// estimate is still expired and the next dispatch to the worker probes
-// again.
+// was 0.50–1.04 of fair over seeds 41–60; judged by the run, 0.65–1.04.
+// If the probe did not run, the estimate is still expired and the next
+// dispatch to the worker probes again.
 func (s *sched[Req, Res]) probed(w *worker[Req, Res]) {
 	w.probing = false
 	if w.seen.Load() != w.probeSeen && float64(w.probeRun.Load()) > bucket*bucket*s.ref/w.weight {
@@ -762,12 +762,12 @@ func (w *worker[Req, Res]) observe(d time.Duration, end int64) {
 	}
 	var fresh float64 // the least share of the way the observation moves the average, for its gap
 	if prev != 0 && gap > decayFrom {
-		if gap > staleAfter {
+		if gap > staleAfter { // the estimate had expired: a probe's run
 			w.probeRun.Store(int64(d))
-		}
-		if gap > staleAfter && !w.stillSlow(d) {
-			w.restart(d)
-			return
+			if !w.stillSlow(d) {
+				w.restart(d)
+				return
+			}
 		}
 		fresh = -math.Expm1(-float64(gap) / float64(decay))
 	}
