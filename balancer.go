@@ -469,8 +469,9 @@ func (h hedgeOption) apply(o *options) { o.hedge = h }
 //
 // With the load estimate, a request at a worker measured more than 2.25
 // times as slow as the median worker, at its weight (1.5², beyond what
-// noise makes of a worker of the usual speed; see WithLoadEstimate), waits
-// that many times as long before its hedge: its worker is slow, not
+// noise makes of a worker of the usual speed; see WithLoadEstimate), by
+// both its averages (so one straggler does not make its worker slow),
+// waits that many times as long before its hedge: its worker is slow, not
 // the request, and the estimate already steers work off it. A copy
 // elsewhere would often win, but it takes a faster worker's slot from the
 // requests that would go there: with 2 of 8 workers 4 times slower at load
