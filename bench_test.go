@@ -1435,10 +1435,11 @@ func (l *learner) Do(ctx context.Context, req int) (int, error) {
 	l.mu.Lock()
 	now := time.Since(l.start)
 	best := least(len(l.fns), func(i int) float64 {
+		slowdown := l.known[i]
 		if now-l.heard[i] > staleFor {
-			l.known[i] = 1
+			slowdown = 1 // forgotten
 		}
-		return (float64(l.pend[i])/float64(l.s.concurrency) + 1) * l.known[i]
+		return (float64(l.pend[i])/float64(l.s.concurrency) + 1) * slowdown
 	})
 	l.pend[best]++
 	l.mu.Unlock()
